@@ -1,0 +1,6 @@
+"""deit_train: Lightning + Hydra training of DeiT students, with distillation from a frozen teacher."""
+from deit_train.config import register_resolvers
+
+register_resolvers()
+
+__version__ = "0.1.0"

@@ -1,0 +1,57 @@
+"""What every data source shares: loaders, class count, and the normalisation the models see."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Base of the data sources. Subclasses set ``num_classes`` in ``__init__`` (models are built from it)
+    and fill ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`.
+
+    ``batch_size`` is per device; the global batch is ``batch_size x world size x accumulation``.
+    """
+
+    num_classes: int
+
+    def __init__(
+        self,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        image_size: int = 224,
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+        self.pin_memory = pin_memory
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=train,
+            drop_last=train,  # mixup needs even batches, and BN-free ViTs gain nothing from a ragged last step
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,90 @@
+"""Reading weights from the files people keep them in, and starting a student from them."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import Tensor, nn
+
+from deit_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Prefixes wrappers put in front of the network's own keys: our LightningModules, DDP, torch.compile.
+_WRAPPER_PREFIXES = ("student.", "module.", "_orig_mod.")
+# Keys a student may start without: a new classifier and, for a CLS-only source, the distillation token.
+_NEWLY_INITIALISED = ("head.", "head_dist.", "dist_token")
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """Weights from a plain state dict, a timm/official-DeiT file (``model`` key), a Lightning
+    checkpoint of this project (``state_dict`` with ``student.`` keys) or a ``.safetensors`` file."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"checkpoint file {path} does not exist: check the path you passed")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            checkpoint = load_file(str(path))
+        else:
+            # Checkpoints of this project carry their Hydra config, which weights_only refuses.
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for a damaged file
+        raise ConfigError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    for key in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(v, Tensor) for v in checkpoint.values()):
+        raise ConfigError(f"checkpoint {path} holds no state dict (expected tensors, or a 'model'/'state_dict' key)")
+    if any(k.startswith("student.") for k in checkpoint):  # drop the teacher and EMA copies of a LightningModule
+        checkpoint = {k: v for k, v in checkpoint.items() if k.startswith("student.")}
+    return {_strip_prefixes(k): v for k, v in checkpoint.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def _fit_pos_embed(source: Tensor, model: nn.Module, source_prefix: int) -> Tensor:
+    """Resample the patch grid to the model's and add/drop the distillation token's slot."""
+    target_prefix = model.num_prefix_tokens
+    grid = model.patch_embed.grid_size
+    source = resample_abs_pos_embed(source, new_size=list(grid), num_prefix_tokens=source_prefix)
+    prefix, patches = source[:, :source_prefix], source[:, source_prefix:]
+    if target_prefix > source_prefix:  # CLS-only source -> distilled model: dist slot starts as the CLS slot
+        prefix = torch.cat([prefix, prefix[:, :1].expand(-1, target_prefix - source_prefix, -1)], dim=1)
+    return torch.cat([prefix[:, :target_prefix], patches], dim=1)
+
+
+def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple[str, ...] = ()) -> None:
+    """Start ``model`` from ``path``: every backbone weight must be there; only the classifier heads
+    (when the class count differs or the source has no such head) and the distillation token may be new.
+    Position embeddings are interpolated when the resolution differs."""
+    state = read_state_dict(path)
+    target = model.state_dict()
+    if "pos_embed" in state and "pos_embed" in target and state["pos_embed"].shape != target["pos_embed"].shape:
+        source_prefix = 2 if "dist_token" in state else 1
+        state["pos_embed"] = _fit_pos_embed(state["pos_embed"], model, source_prefix)
+    dropped = [k for k in list(state) if k.startswith(("head.", "head_dist.")) and k in target
+               and state[k].shape != target[k].shape]
+    for key in dropped:
+        del state[key]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(_NEWLY_INITIALISED)]
+    unexpected = [k for k in unexpected if not k.startswith(_NEWLY_INITIALISED + strict_extra)]
+    if missing or unexpected:
+        raise ConfigError(
+            f"model.init_from={path} does not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+            f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; check model size and distilled flag"
+        )
+    log.info("initialised student from %s (new: %s)", path, dropped or "none")

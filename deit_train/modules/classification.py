@@ -1,0 +1,156 @@
+"""LightningModule for DeiT classification and distillation (the paper's two fine-tuning modes).
+
+- CLS head only: a student without distillation token, ``distill=none``, no teacher.
+- CLS + distillation head: a distilled student with a frozen teacher; the class head learns from the
+  labels, the distillation head from the teacher on the same augmented images; prediction = mean of heads.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+from timm.utils import ModelEmaV3
+from torch import Tensor, nn
+
+from deit_train.errors import ConfigError
+from deit_train.losses import DistillationLoss
+from deit_train.models.deit import forward_heads, is_distilled
+from deit_train.models.teacher import FrozenTeacher
+from deit_train.modules.metrics import EvalMetrics
+from deit_train.modules.optim import OptimRecipe
+
+
+class ClassificationModule(L.LightningModule):
+    """Trains ``student`` with ``criterion``; ``teacher`` (frozen) only when the criterion distils.
+
+    Args:
+        mixup: a callable ``(images, targets) -> (images, soft_targets)`` such as ``timm.data.Mixup``;
+            the teacher then sees the mixed images.
+        ema_decay: keep a timm EMA of the student and evaluate it too (``val/top1_ema``).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        criterion: DistillationLoss,
+        optim: OptimRecipe,
+        teacher: FrozenTeacher | None = None,
+        mixup=None,
+        ema_decay: float | None = None,
+    ) -> None:
+        super().__init__()
+        self._check(student, criterion, teacher)
+        self.student = student
+        self.teacher = teacher if criterion.uses_teacher else None
+        self.criterion = criterion
+        self.optim = optim
+        self.mixup = mixup
+        self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay else None
+        num_classes = student.num_classes
+        self.metrics = nn.ModuleDict({
+            stage: EvalMetrics(stage, num_classes, is_distilled(student), self.teacher is not None)
+            for stage in ("val", "test")
+        })
+        if self.ema is not None:
+            self.ema_metrics = EvalMetrics("val_ema", num_classes, is_distilled(student), False)
+        self._batch_started = 0.0
+
+    @staticmethod
+    def _check(student: nn.Module, criterion: DistillationLoss, teacher: FrozenTeacher | None) -> None:
+        kind = criterion.distill_type
+        if criterion.uses_teacher and teacher is None:
+            raise ConfigError(f"distill={kind} needs a teacher: add teacher=<name> (e.g. teacher=regnety_160 "
+                              "teacher.checkpoint=/path/regnety_160.pth) or use distill=none")
+        if criterion.uses_teacher and not is_distilled(student):
+            raise ConfigError(f"distill={kind} needs a student with a distillation token: set model.distilled=true")
+        if not criterion.uses_teacher and is_distilled(student):
+            raise ConfigError("model.distilled=true but distill=none: the distillation head would learn nothing; "
+                              "use distill=soft|hard with a teacher, or model.distilled=false (CLS head only)")
+        if teacher is not None and criterion.uses_teacher and teacher.num_classes != student.num_classes:
+            raise ConfigError(f"the teacher predicts {teacher.num_classes} classes but the data has "
+                              f"{student.num_classes}: use a teacher trained on this data set (teacher.checkpoint=...)")
+
+    def forward(self, images: Tensor) -> Tensor:
+        """The prediction: class logits, averaged with the distillation head when there is one."""
+        cls, dist = forward_heads(self.student, images)
+        return cls if dist is None else (cls + dist) / 2
+
+    # ---- training -------------------------------------------------------------------------------
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self._batch_started = time.perf_counter()
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, target = batch
+        if self.mixup is not None:
+            images, target = self.mixup(images, target)
+        teacher_logits = self.teacher(images) if self.teacher is not None else None
+        cls, dist = forward_heads(self.student, images)
+        loss = self.criterion(cls, target, dist, teacher_logits)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.student, step=self.global_step)
+        seconds = time.perf_counter() - self._batch_started
+        images = len(batch[0]) * self.trainer.world_size
+        self.log("train/throughput", images / max(seconds, 1e-9), on_step=False, on_epoch=True, batch_size=1,
+                 rank_zero_only=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
+                 rank_zero_only=True)
+
+    # ---- evaluation -----------------------------------------------------------------------------
+    def _evaluate(self, metrics: EvalMetrics, student: nn.Module, batch, with_loss: bool) -> None:
+        images, target = batch
+        teacher_logits = self.teacher(images) if (self.teacher is not None and metrics.teacher is not None) else None
+        cls, dist = forward_heads(student, images)
+        metrics.update(target, cls, dist, teacher_logits)
+        if with_loss:
+            loss = self.criterion(cls, target, dist, teacher_logits) if teacher_logits is not None or dist is None \
+                else None
+            if loss is not None:
+                self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
+        for name, metric in metrics.loggable().items():
+            self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(self.metrics["val"], self.student, batch, with_loss=True)
+        if self.ema is not None:
+            self._evaluate(self.ema_metrics, self.ema.module, batch, with_loss=False)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self._evaluate(self.metrics["test"], self.student, batch, with_loss=True)
+
+    # ---- optimisation ---------------------------------------------------------------------------
+    def global_batch_size(self) -> int:
+        per_device = self.trainer.datamodule.batch_size
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        global_batch = self.global_batch_size()
+        optimizer, scheduler = self.optim.build(self.student, global_batch, total_steps, steps_per_epoch)
+        self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
+                                 "optim/total_steps": total_steps}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_fit_start(self) -> None:
+        counts = {"params/student": sum(p.numel() for p in self.student.parameters()),
+                  "params/student_trainable": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
+                  "params/teacher": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0}
+        self.param_counts = counts
+        for logger in self.loggers:
+            logger.log_hyperparams({**counts, **getattr(self, "hparams_resolved", {})})
+
+    # ---- checkpoints: the teacher is loaded from its own file, not stored in every checkpoint ---------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

@@ -1,0 +1,53 @@
+"""The DeiT optimisation recipe: AdamW with the linear lr scaling rule and a per-step cosine schedule.
+
+Everything is timm's: ``create_optimizer_v2`` (no weight decay on norms, biases, position embedding and
+the cls/dist tokens -- the model's ``no_weight_decay()`` -- plus optional layer-wise lr decay) and
+``CosineLRScheduler`` stepped every optimizer update.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
+from torch import nn
+
+
+@dataclass
+class OptimRecipe:
+    """Optimizer + schedule hyper-parameters (defaults: DeiT paper, Tab. 9).
+
+    ``lr = base_lr x global_batch / reference_batch``; warmup and the cosine decay are counted in
+    optimizer steps (the epoch values are converted with the number of steps per epoch).
+    """
+
+    name: str = "adamw"
+    base_lr: float = 5e-4
+    reference_batch: int = 512
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    layer_decay: float | None = None
+    warmup_epochs: float = 5.0
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+
+    def lr(self, global_batch: int) -> float:
+        return self.base_lr * global_batch / self.reference_batch
+
+    def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int):
+        optimizer = create_optimizer_v2(
+            model, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
+            betas=tuple(self.betas), eps=self.eps, layer_decay=self.layer_decay,
+        )
+        warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
+        scheduler = CosineLRScheduler(
+            optimizer,
+            t_initial=max(total_steps - warmup_steps, 1),
+            lr_min=self.min_lr,
+            warmup_t=warmup_steps,
+            warmup_lr_init=self.warmup_lr,
+            warmup_prefix=True,
+            t_in_epochs=False,
+        )
+        return optimizer, scheduler
