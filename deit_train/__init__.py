@@ -3,4 +3,6 @@ from deit_train.config import register_resolvers
 
 register_resolvers()
 
+from deit_train.data.processor import DeiTImageProcessor  # noqa: E402  (inference preprocessing)
+
 __version__ = "0.1.0"

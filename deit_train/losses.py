@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deit_train.errors import ConfigError
+
 DistillType = Literal["none", "soft", "hard"]
 
 
@@ -50,13 +52,13 @@ class DistillationLoss(nn.Module):
     ) -> None:
         super().__init__()
         if distill_type not in ("none", "soft", "hard"):
-            raise ValueError(f"distill.type must be none, soft or hard, got {distill_type!r}")
+            raise ConfigError(f"distill.type must be none, soft or hard, got {distill_type!r}")
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"distill.alpha must lie in [0, 1], got {alpha}")
+            raise ConfigError(f"distill.alpha must lie in [0, 1], got {alpha}")
         if tau <= 0:
-            raise ValueError(f"distill.tau must be positive, got {tau}")
+            raise ConfigError(f"distill.tau must be positive, got {tau}")
         if kl_reduction not in ("batchmean", "mean"):
-            raise ValueError(f"distill.kl_reduction must be batchmean or mean, got {kl_reduction!r}")
+            raise ConfigError(f"distill.kl_reduction must be batchmean or mean, got {kl_reduction!r}")
         self.distill_type = distill_type
         self.alpha = alpha
         self.tau = tau

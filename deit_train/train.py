@@ -16,12 +16,16 @@ import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.config import CONFIG_DIR
-from deit_train.errors import find_config_error
+from deit_train.errors import ConfigError, find_config_error
+from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
+from deit_train.resume import resume_checkpoint
+from deit_train.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
 
@@ -30,7 +34,9 @@ _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment; returns the metrics written to ``results.json``."""
+    """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
+    if cfg.get("stages"):
+        return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -43,10 +49,12 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    log_run_config(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
 
     results: dict = {"run_dir": str(output_dir)}
     if cfg.get("test", True):
@@ -77,29 +85,66 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     recipe, teacher = cfg.get("teacher_recipe"), cfg.get("teacher")
     if not recipe or not teacher or not teacher.get("checkpoint") or Path(teacher.checkpoint).is_file():
         return
-    log.info("teacher checkpoint %s missing: training it first with experiment=%s", teacher.checkpoint, recipe)
+    target = Path(teacher.checkpoint).expanduser()
+    try:  # fail before training, not after, when the file could not be written
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"teacher.checkpoint={target} cannot be created ({exc.strerror}): point it at a "
+                          "writable path or set DEIT_TRAIN_CACHE") from exc
+    log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
+    results = train(compose_stage(cfg, [f"experiment={recipe}"], Path(cfg.paths.output_dir) / "teacher"))
+    atomic_torch_save(read_state_dict(results["best_checkpoint"]), target)
+    log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
+
+
+def compose_stage(cfg: DictConfig, overrides: list[str], output_dir: Path) -> DictConfig:
+    """The config of a sub-run in ``output_dir`` (a bootstrapped teacher, a stage): ``overrides`` on the root
+    config, plus the parent's seed and its command-line overrides about how to run (trainer, callbacks, ...)."""
     inherited = [o for o in HydraConfig.get().overrides.task if o.startswith(_RUN_OVERRIDE_PREFIXES)]
-    stage_cfg = hydra.compose(config_name="train", overrides=[
-        f"experiment={recipe}", f"seed={cfg.seed}", *inherited, f"paths.output_dir={cfg.paths.output_dir}/teacher",
-    ])
-    results = train(stage_cfg)
-    atomic_torch_save(read_state_dict(results["best_checkpoint"]), Path(teacher.checkpoint).expanduser())
-    log.info("teacher cached at %s (test top-1 %.4f)", teacher.checkpoint, results.get("test/top1", float("nan")))
+    return hydra.compose(config_name="train", overrides=[
+        f"seed={cfg.seed}", *overrides, *inherited, f"paths.output_dir={output_dir}"])
+
+
+def run_stages(cfg: DictConfig) -> dict:
+    """Run the experiments of ``cfg.stages`` (stage name -> overrides) in order, each in ``<run dir>/<name>``.
+
+    A stage uses an earlier stage's files by path, e.g.
+    ``model.init_from='${paths.output_dir}/pretrain/checkpoints/last.ckpt'``; the run overrides given on the
+    command line (trainer, callbacks, logger, paths) and the seed apply to every stage.
+    """
+    started = time.perf_counter()
+    output_dir = Path(cfg.paths.output_dir)
+    results: dict = {"run_dir": str(output_dir), "stages": {}}
+    for name, overrides in cfg.stages.items():
+        log.info("stage %s: %s", name, " ".join(overrides))
+        results["stages"][name] = train(compose_stage(cfg, list(overrides), output_dir / name))
+    results["wall_time_s"] = round(time.perf_counter() - started, 2)
+    if rank_zero_only.rank == 0:
+        write_json(output_dir / "results.json", results)
+    return results
+
+
+def _fmt(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
 
 
 def print_summary(results: dict) -> None:
+    """A table of the test metrics (per stage for staged runs) and the run directory."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="test accuracy")
-    table.add_column("model")
-    table.add_column("top-1", justify="right")
-    table.add_column("top-5", justify="right")
-    rows = [("teacher", "teacher/test_top1", None), ("student (prediction)", "test/top1", "test/top5"),
-            ("student cls head", "test/top1_cls", "test/top5_cls"), ("student dist head", "test/top1_dist", "test/top5_dist")]
-    for name, top1, top5 in rows:
-        if top1 in results:
-            table.add_row(name, f"{results[top1]:.4f}", f"{results[top5]:.4f}" if top5 in results else "")
+    if "stages" in results:
+        table = Table("stage", "test top-1", "test loss", "run directory", title="stages")
+        for name, stage in results["stages"].items():
+            table.add_row(name, _fmt(stage.get("test/top1")), _fmt(stage.get("test/loss")), stage.get("run_dir", ""))
+    else:
+        table = Table("model", "top-1", "top-5", title="test accuracy")
+        rows = [("teacher", "teacher/test_top1", None), ("student (prediction)", "test/top1", "test/top5"),
+                ("student cls head", "test/top1_cls", "test/top5_cls"),
+                ("student dist head", "test/top1_dist", "test/top5_dist")]
+        for name, top1, top5 in rows:
+            if top1 in results:
+                table.add_row(name, _fmt(results[top1]), _fmt(results.get(top5)))
     console = Console()
     console.print(table)
     console.print(f"run directory: {results['run_dir']}  ({results['wall_time_s']:.0f} s)")
@@ -115,6 +160,8 @@ def main(cfg: DictConfig) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    if "test/top1" in results:
+    if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
+        return
+    if "test/top1" in results or "stages" in results:
         print_summary(results)
 

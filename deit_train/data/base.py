@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -36,11 +36,12 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+    def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=train,
+            shuffle=train and sampler is None,
+            sampler=sampler,
             drop_last=train,  # mixup needs even batches, and BN-free ViTs gain nothing from a ragged last step
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

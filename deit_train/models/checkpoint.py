@@ -9,6 +9,8 @@ from timm.layers import resample_abs_pos_embed
 from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
+from deit_train.models.hf_convert import is_hf_directory, read_hf_directory
+from deit_train.models.simmim import ENCODER_PREFIX, PRETRAINING_ONLY_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +22,12 @@ _NEWLY_INITIALISED = ("head.", "head_dist.", "dist_token")
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Weights from a plain state dict, a timm/official-DeiT file (``model`` key), a Lightning
-    checkpoint of this project (``state_dict`` with ``student.`` keys) or a ``.safetensors`` file."""
+    checkpoint of this project (``state_dict`` with ``student.`` keys), a SimMIM pretraining checkpoint
+    (its encoder's keys become the student's; ``mask_token`` and ``decoder.*`` stay), a ``.safetensors`` file
+    or an HF transformers DeiT/ViT directory."""
     path = Path(path).expanduser()
+    if is_hf_directory(path):  # a transformers save_pretrained directory: converted to timm keys
+        return read_hf_directory(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint file {path} does not exist: check the path you passed")
     try:
@@ -42,7 +48,16 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         raise ConfigError(f"checkpoint {path} holds no state dict (expected tensors, or a 'model'/'state_dict' key)")
     if any(k.startswith("student.") for k in checkpoint):  # drop the teacher and EMA copies of a LightningModule
         checkpoint = {k: v for k, v in checkpoint.items() if k.startswith("student.")}
-    return {_strip_prefixes(k): v for k, v in checkpoint.items()}
+    return _simmim_encoder_as_student({_strip_prefixes(k): v for k, v in checkpoint.items()})
+
+
+def _simmim_encoder_as_student(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``[model.]encoder.*`` of a SimMIM checkpoint (a ``SimMIMModule``'s or a bare ``SimMIM``'s) -> ``*``."""
+    if "model.mask_token" in state:  # SimMIMModule keeps the SimMIM network in ``model``
+        state = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    if "mask_token" not in state or not any(k.startswith(ENCODER_PREFIX) for k in state):
+        return state
+    return {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items()}
 
 
 def _strip_prefixes(key: str) -> str:
@@ -69,8 +84,11 @@ def _fit_pos_embed(source: Tensor, model: nn.Module, source_prefix: int) -> Tens
 def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple[str, ...] = ()) -> None:
     """Start ``model`` from ``path``: every backbone weight must be there; only the classifier heads
     (when the class count differs or the source has no such head) and the distillation token may be new.
-    Position embeddings are interpolated when the resolution differs."""
+    Position embeddings are interpolated when the resolution differs. From a SimMIM checkpoint the encoder
+    is loaded and its mask token and pixel decoder are left behind."""
     state = read_state_dict(path)
+    if "mask_token" in state:
+        strict_extra = (*strict_extra, *PRETRAINING_ONLY_KEYS)
     target = model.state_dict()
     if "pos_embed" in state and "pos_embed" in target and state["pos_embed"].shape != target["pos_embed"].shape:
         source_prefix = 2 if "dist_token" in state else 1
@@ -79,6 +97,11 @@ def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple
                and state[k].shape != target[k].shape]
     for key in dropped:
         del state[key]
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
+                  if k in target and v.shape != target[k].shape]
+    if mismatched:
+        raise ConfigError(f"model.init_from={path} has other shapes than the model: {mismatched[:4]}"
+                          f"{'...' if len(mismatched) > 4 else ''}; check model.hidden_size/patch_size/mlp_ratio")
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(_NEWLY_INITIALISED)]
     unexpected = [k for k in unexpected if not k.startswith(_NEWLY_INITIALISED + strict_extra)]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import time
 
-import lightning as L
 import torch
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
@@ -18,10 +17,10 @@ from deit_train.losses import DistillationLoss
 from deit_train.models.deit import forward_heads, is_distilled
 from deit_train.models.teacher import FrozenTeacher
 from deit_train.modules.metrics import EvalMetrics
-from deit_train.modules.optim import OptimRecipe
+from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
 
 
-class ClassificationModule(L.LightningModule):
+class ClassificationModule(RecipeTrainedModule):
     """Trains ``student`` with ``criterion``; ``teacher`` (frozen) only when the criterion distils.
 
     Args:
@@ -122,30 +121,9 @@ class ClassificationModule(L.LightningModule):
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["test"], self.student, batch, with_loss=True)
 
-    # ---- optimisation ---------------------------------------------------------------------------
-    def global_batch_size(self) -> int:
-        per_device = self.trainer.datamodule.batch_size
-        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
-
-    def configure_optimizers(self):
-        total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
-        global_batch = self.global_batch_size()
-        optimizer, scheduler = self.optim.build(self.student, global_batch, total_steps, steps_per_epoch)
-        self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
-                                 "optim/total_steps": total_steps}
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
-
-    def on_fit_start(self) -> None:
-        counts = {"params/student": sum(p.numel() for p in self.student.parameters()),
-                  "params/student_trainable": sum(p.numel() for p in self.student.parameters() if p.requires_grad),
-                  "params/teacher": sum(p.numel() for p in self.teacher.parameters()) if self.teacher else 0}
-        self.param_counts = counts
-        for logger in self.loggers:
-            logger.log_hyperparams({**counts, **getattr(self, "hparams_resolved", {})})
+    def parameter_counts(self) -> dict[str, int]:
+        teacher = sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0
+        return {**super().parameter_counts(), "params/teacher": teacher}
 
     # ---- checkpoints: the teacher is loaded from its own file, not stored in every checkpoint ---------
     def on_save_checkpoint(self, checkpoint: dict) -> None:

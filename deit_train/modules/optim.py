@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import lightning as L
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -51,3 +52,41 @@ class OptimRecipe:
             t_in_epochs=False,
         )
         return optimizer, scheduler
+
+
+class RecipeTrainedModule(L.LightningModule):
+    """What every LightningModule here shares: it optimises ``self.<optimized_attr>`` with ``self.optim``.
+
+    The lr follows the real global batch (per-device batch x world size x accumulation); the timm scheduler
+    is stepped every optimizer update; parameter counts and the resolved lr go to every logger at fit start.
+    """
+
+    optim: OptimRecipe
+    optimized_attr: str = "student"
+
+    def global_batch_size(self) -> int:
+        per_device = self.trainer.datamodule.batch_size
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
+    def configure_optimizers(self):
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        global_batch = self.global_batch_size()
+        optimizer, scheduler = self.optim.build(getattr(self, self.optimized_attr), global_batch, total_steps,
+                                                steps_per_epoch)
+        self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
+                                 "optim/total_steps": total_steps}
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        scheduler.step_update(num_updates=self.global_step)
+
+    def parameter_counts(self) -> dict[str, int]:
+        model = getattr(self, self.optimized_attr)
+        return {f"params/{self.optimized_attr}": sum(p.numel() for p in model.parameters()),
+                f"params/{self.optimized_attr}_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+
+    def on_fit_start(self) -> None:
+        self.param_counts = self.parameter_counts()
+        for logger in self.loggers:
+            logger.log_hyperparams({**self.param_counts, **getattr(self, "hparams_resolved", {})})

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny teachers saved to disk, Hydra composition and CLI runs in temp dirs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from hydra import compose, initialize_config_dir
+
+from deit_train.config import CONFIG_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def digits_teacher_file(tmp_path_factory) -> Path:
+    """An (untrained) regnetx_002 with 10 classes saved as a plain state dict: a stand-in teacher file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teacher") / "regnetx_002_digits.pth"
+    torch.save(timm.create_model("regnetx_002", num_classes=10).state_dict(), path)
+    return path
+
+
+def compose_config(overrides: list[str], output_dir: Path):
+    """The composed root config, as `python -m deit_train <overrides>` would see it."""
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[*overrides, f"paths.output_dir={output_dir}"])
+
+
+def run_cli(args: list[str], run_dir: Path, cache_dir: Path, module: str = "deit_train", timeout: int = 600):
+    """Run ``python -m <module> <args>`` as a user would, in its own run dir and cache."""
+    env = {**os.environ, "DEIT_TRAIN_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", module, *args, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# A fast digits run: quickstart's models at 16 px with few steps (the quickstart itself is timed in the README).
+FAST_DIGITS = [
+    "model.image_size=16", "model.patch_size=4", "model.hidden_size=32", "model.num_hidden_layers=2",
+    "model.num_attention_heads=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+    "trainer.limit_test_batches=2", "data.batch_size=16",
+]
