@@ -1,5 +1,14 @@
+from deit_train.data.augmented import AugmentedDataModule
 from deit_train.data.base import ImageDataModule
+from deit_train.data.cifar import CifarDataModule
 from deit_train.data.digits import DigitsDataModule
+from deit_train.data.fake import FakeDataModule
+from deit_train.data.hf import HFDataModule
 from deit_train.data.imagefolder import ImageFolderDataModule
+from deit_train.data.processor import DeiTImageProcessor
+from deit_train.data.recipes import AugmentRecipe, build_mixup
+from deit_train.data.samplers import RepeatedAugSampler
 
-__all__ = ["DigitsDataModule", "ImageDataModule", "ImageFolderDataModule"]
+__all__ = ["AugmentRecipe", "AugmentedDataModule", "CifarDataModule", "DeiTImageProcessor", "DigitsDataModule",
+           "FakeDataModule", "HFDataModule", "ImageDataModule", "ImageFolderDataModule", "RepeatedAugSampler",
+           "build_mixup"]

@@ -6,14 +6,16 @@ from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 
-from deit_train.data.base import ImageDataModule
-from deit_train.data.transforms import basic_train_transform, eval_transform
+from deit_train.data.augmented import AugmentedDataModule
+from deit_train.data.images import pil_loader
+from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 
-class ImageFolderDataModule(ImageDataModule):
+class ImageFolderDataModule(AugmentedDataModule):
     """Class order = sorted folder names; ``num_classes`` is counted from ``root/train``.
 
+    Every image is decoded to RGB whatever its mode (:func:`deit_train.data.images.load_rgb`).
     ImageNet has no labelled test split, so ``test`` evaluates the ``val`` folder.
     """
 
@@ -29,32 +31,39 @@ class ImageFolderDataModule(ImageDataModule):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
+        recipe: AugmentRecipe | None = None,
+        skip_corrupt: bool = False,
+        train_split: str = "train",
+        val_split: str = "val",
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean,
-                         std=std, pin_memory=pin_memory)
+        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
+                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
+                         pin_memory=pin_memory, skip_corrupt=skip_corrupt)
         if not root:
             raise ConfigError("data.root is not set: pass data.root=/path/to/imagenet (a folder with train/ and val/)")
         self.root = Path(root).expanduser()
-        for split in ("train", "val"):
+        self.train_split, self.val_split = train_split, val_split
+        for split in (train_split, val_split):
             if not (self.root / split).is_dir():
-                raise ConfigError(f"data.root={self.root} has no {split}/ folder: expected root/train/<class>/ "
-                                  "and root/val/<class>/ (ImageNet layout)")
-        classes = sorted(p.name for p in (self.root / "train").iterdir() if p.is_dir())
+                raise ConfigError(f"data.root={self.root} has no {split}/ folder: expected root/{train_split}/<class>/ "
+                                  f"and root/{val_split}/<class>/ (ImageNet layout)")
+        classes = sorted(p.name for p in (self.root / train_split).iterdir() if p.is_dir())
+        if not classes:
+            raise ConfigError(f"{self.root / train_split} has no class folders: expected {train_split}/<class>/<image>")
         if num_classes is not None and num_classes != len(classes):
-            raise ConfigError(f"data.num_classes={num_classes} but {self.root / 'train'} has {len(classes)} class "
+            raise ConfigError(f"data.num_classes={num_classes} but {self.root / train_split} has {len(classes)} class "
                               "folders: fix the folder or drop data.num_classes")
         self.classes = classes
         self.num_classes = len(classes)
-        self.crop_pct, self.interpolation = crop_pct, interpolation
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_set = ImageFolder(str(self.root / "train"),
-                                     basic_train_transform(self.image_size, self.mean, self.std, self.interpolation))
-        self.val_set = ImageFolder(str(self.root / "val"),
-                                   eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation))
-        if self.val_set.classes != self.classes:
-            raise ConfigError(f"{self.root / 'val'} class folders differ from {self.root / 'train'}'s: "
-                              "both splits need the same class folder names")
+        train = ImageFolder(str(self.root / self.train_split), self.train_transform(), loader=pil_loader)
+        val = ImageFolder(str(self.root / self.val_split), self.eval_transform(), loader=pil_loader)
+        if val.classes != self.classes:
+            raise ConfigError(f"{self.root / self.val_split} class folders differ from "
+                              f"{self.root / self.train_split}'s: both splits need the same class folder names")
+        self.train_set = self.tolerate_corrupt(train)
+        self.val_set = self.tolerate_corrupt(val)
         self.test_set = self.val_set

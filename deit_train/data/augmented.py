@@ -1,0 +1,82 @@
+"""Base of the decoded-image sources (folders, HF datasets, CIFAR, fake): transforms from the augmentation
+recipe, eval preprocessing as DeiTImageProcessor, the repeated-augmentation sampler, the corrupt-file policy.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from torch.utils.data import DataLoader, Dataset
+
+from deit_train.data.base import ImageDataModule
+from deit_train.data.images import SkipCorrupt
+from deit_train.data.recipes import AugmentRecipe
+from deit_train.data.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+
+class AugmentedDataModule(ImageDataModule):
+    """Subclasses build ``train_set`` from :meth:`train_transform` and ``val_set``/``test_set`` from
+    :meth:`eval_transform`, passing file-backed datasets through :meth:`tolerate_corrupt`.
+
+    Args:
+        recipe: the ``augment`` group's :class:`AugmentRecipe` (default: ``simple``, crop + flip).
+        crop_pct: eval resize = ``image_size / crop_pct`` (256 for 224, 438 for 384), then a center crop.
+        interpolation: resize interpolation of train and eval transforms.
+        skip_corrupt: skip (and count) undecodable files instead of stopping at the first one.
+        classes: class names in label order, when the source knows them.
+    """
+
+    classes: list[str] | None = None
+
+    def __init__(
+        self,
+        recipe: AugmentRecipe | None = None,
+        image_size: int = 224,
+        batch_size: int = 128,
+        num_workers: int = 8,
+        crop_pct: float = 0.875,
+        interpolation: str = "bicubic",
+        mean: Sequence[float] = (0.485, 0.456, 0.406),
+        std: Sequence[float] = (0.229, 0.224, 0.225),
+        pin_memory: bool = True,
+        skip_corrupt: bool = False,
+    ) -> None:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean,
+                         std=std, pin_memory=pin_memory)
+        self.recipe = recipe or AugmentRecipe()
+        self.crop_pct, self.interpolation = crop_pct, interpolation
+        self.skip_corrupt = skip_corrupt
+        self._tolerant: list[SkipCorrupt] = []
+
+    def train_transform(self):
+        return self.recipe.train_transform(self.image_size, self.mean, self.std, self.interpolation, self.crop_pct)
+
+    def eval_transform(self):
+        return eval_transform(self.image_size, self.mean, self.std, self.crop_pct, self.interpolation)
+
+    def tolerate_corrupt(self, dataset: Dataset) -> Dataset:
+        """``dataset`` itself (the first corrupt file stops the run), or wrapped in :class:`SkipCorrupt`."""
+        if not self.skip_corrupt:
+            return dataset
+        tolerant = SkipCorrupt(dataset)
+        self._tolerant.append(tolerant)
+        return tolerant
+
+    @property
+    def skipped_corrupt(self) -> int:
+        """Corrupt samples met so far (all splits, all workers)."""
+        return sum(t.skipped for t in self._tolerant)
+
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer  # set by Lightning when fitting
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_dataloader(self) -> DataLoader:
+        world, rank = self._world()
+        return self._loader(self.train_set, train=True, sampler=self.recipe.sampler(self.train_set, world, rank))
+
+    def teardown(self, stage: str) -> None:
+        if self._tolerant:
+            log.warning("skipped %d corrupt image(s) (data.skip_corrupt=true)", self.skipped_corrupt)

@@ -1,0 +1,151 @@
+"""Augmentation recipes (the ``augment`` config group): train transform, Mixup/CutMix and repeated augmentation.
+
+Everything is timm's or torchvision's: ``create_transform`` (RandomResizedCrop, RandAugment, ColorJitter,
+RandomErasing, the ``3a`` policy of DeiT III), ``timm.data.Mixup`` and timm's repeated-augmentation sampler.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+from PIL import Image
+from timm.data import Mixup, create_transform
+from timm.data import auto_augment
+from timm.data.transforms import str_to_interp_mode
+from torch.utils.data import Dataset, Sampler
+from torchvision import transforms
+
+from deit_train.data.samplers import RepeatedAugSampler
+from deit_train.data.transforms import eval_transform
+from deit_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+TrainCrop = Literal["rrc", "src", "none"]
+
+
+class AugmentRecipe:
+    """One named training recipe.
+
+    Args:
+        name: ``deit``, ``three_augment``, ``simple``, ``none`` or your own; sources with their own light
+            augmentation (the digits) use theirs for ``simple`` and none at all for ``none``.
+        train_crop: ``rrc`` RandomResizedCrop(``scale``, ``ratio``); ``src`` DeiT III's simple random crop
+            (resize the short side to the size, random crop with 4-pixel reflect padding); ``none``: the train
+            images get the eval transform (no augmentation at all, for debugging).
+        hflip: horizontal flip probability.
+        auto_augment: a timm policy string: ``rand-m9-mstd0.5-inc1`` (DeiT's RandAugment), ``3a`` (DeiT III:
+            one of grayscale / solarize / gaussian blur per image), or null.
+        color_jitter: brightness/contrast/saturation strength; timm switches it off under RandAugment
+            (not under ``3a``).
+        re_prob, re_mode, re_count: timm RandomErasing (DeiT: 0.25, ``pixel``, 1).
+        mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, mixup_mode: ``timm.data.Mixup``; both alphas
+            0 = no mixing.
+        label_smoothing: carried by the Mixup soft targets (without Mixup the loss applies its own).
+        repeated_aug: copies of each image per epoch through :class:`RepeatedAugSampler` (1 = off). As in the
+            official DeiT code it is used only when training on more than one process.
+        repeated_aug_full_epoch: see :class:`RepeatedAugSampler`.
+    """
+
+    def __init__(
+        self,
+        name: str = "simple",
+        train_crop: TrainCrop = "rrc",
+        scale: Sequence[float] = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        auto_augment: str | None = None,
+        color_jitter: float | None = None,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        mixup_prob: float = 1.0,
+        mixup_switch_prob: float = 0.5,
+        mixup_mode: str = "batch",
+        label_smoothing: float = 0.1,
+        repeated_aug: int = 1,
+        repeated_aug_full_epoch: bool = False,
+    ) -> None:
+        if train_crop not in ("rrc", "src", "none"):
+            raise ConfigError(f"augment.train_crop={train_crop!r}: use rrc, src or none")
+        if repeated_aug < 1:
+            raise ConfigError(f"augment.repeated_aug={repeated_aug}: use 1 (off) or more copies per image")
+        self.name = name
+        self.train_crop = train_crop
+        self.scale, self.ratio = tuple(scale), tuple(ratio)
+        self.hflip = hflip
+        self.auto_augment = auto_augment or None
+        self.color_jitter = color_jitter
+        self.re_prob, self.re_mode, self.re_count = re_prob, re_mode, re_count
+        self.mixup_alpha, self.cutmix_alpha = mixup_alpha, cutmix_alpha
+        self.mixup_prob, self.mixup_switch_prob, self.mixup_mode = mixup_prob, mixup_switch_prob, mixup_mode
+        self.label_smoothing = label_smoothing
+        self.repeated_aug = repeated_aug
+        self.repeated_aug_full_epoch = repeated_aug_full_epoch
+
+    def __repr__(self) -> str:
+        return f"AugmentRecipe({self.name})"
+
+    @property
+    def augments(self) -> bool:
+        """False for the ``none`` recipe: train images are preprocessed like eval images."""
+        return self.train_crop != "none"
+
+    def train_transform(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                        interpolation: str = "bicubic", crop_pct: float = 0.875):
+        """PIL image -> normalised float tensor (3, image_size, image_size)."""
+        if not self.augments:
+            return eval_transform(image_size, mean, std, crop_pct, interpolation)
+        common = dict(is_training=True, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
+                      hflip=self.hflip, color_jitter=self.color_jitter, auto_augment=self.auto_augment,
+                      re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count)
+        if self.train_crop == "rrc":
+            return _posterize_safe(create_transform(image_size, scale=self.scale, ratio=self.ratio, **common))
+        # DeiT III's simple random crop replaces timm's primary (crop + flip) stage; colour and erasing stay timm's
+        _, colour, final = create_transform(image_size, separate=True, **common)
+        crop = [transforms.Resize(image_size, interpolation=str_to_interp_mode(interpolation)),
+                transforms.RandomCrop(image_size, padding=4, padding_mode="reflect")]
+        flip = [transforms.RandomHorizontalFlip(self.hflip)] if self.hflip > 0 else []
+        return _posterize_safe(transforms.Compose(crop + flip + list(colour.transforms) + list(final.transforms)))
+
+    def mixup(self, num_classes: int) -> Mixup | None:
+        """timm Mixup/CutMix producing soft (label-smoothed) targets, or None when both alphas are 0."""
+        if self.mixup_alpha <= 0 and self.cutmix_alpha <= 0:
+            return None
+        return Mixup(mixup_alpha=self.mixup_alpha, cutmix_alpha=self.cutmix_alpha, prob=self.mixup_prob,
+                     switch_prob=self.mixup_switch_prob, mode=self.mixup_mode,
+                     label_smoothing=self.label_smoothing, num_classes=num_classes)
+
+    def sampler(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True) -> Sampler | None:
+        """The repeated-augmentation sampler for this rank, or None (plain shuffling) when off."""
+        if self.repeated_aug <= 1 or num_replicas <= 1:
+            if self.repeated_aug > 1:
+                log.info("repeated augmentation needs several processes (official DeiT behaviour): off on 1")
+            return None
+        return RepeatedAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=self.repeated_aug,
+                                  shuffle=shuffle, full_epoch=self.repeated_aug_full_epoch)
+
+
+def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, with "keep 0 bits" = black as under Pillow < 13 (Pillow 13 raises on it); RandAugment's
+    ``PosterizeIncreasing`` asks for 0 bits at magnitude 10, which ``mstd0.5`` around m9 reaches."""
+    if bits_to_keep <= 0:
+        return img.point(lambda _: 0)
+    return auto_augment.posterize(img, bits_to_keep, **kwargs)
+
+
+def _posterize_safe(transform: transforms.Compose) -> transforms.Compose:
+    for step in transform.transforms:
+        ops = getattr(step, "ops", None) or [op for sub in getattr(step, "policy", []) for op in sub]
+        for op in ops:
+            if getattr(op, "aug_fn", None) is auto_augment.posterize:
+                op.aug_fn = _posterize_keeping_zero_bits
+    return transform
+
+
+def build_mixup(recipe: AugmentRecipe | None, num_classes: int) -> Mixup | None:
+    """For ``module.mixup``: the recipe's Mixup for ``num_classes`` classes (None without a recipe)."""
+    return recipe.mixup(num_classes) if recipe is not None else None
