@@ -66,6 +66,7 @@ def _add_epoch_row(run: Run, row: dict) -> None:
 def _throughput(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
+
 _CONFIG_FACTS = ("params/student", "params/teacher", "optim/lr", "optim/global_batch")
 
 
@@ -314,7 +315,8 @@ def print_comparison(runs: list[Run], console=None) -> None:
 
 
 def plot_curves(runs: list[Run], out: Path) -> Path:
-    """Val top-1 per epoch: the prediction solid, the cls / dist heads dashed / dotted in the run's colour."""
+    """Val top-1 per epoch: the prediction solid, the cls / dist heads dashed / dotted, the teacher dash-dotted,
+    each run in its own colour."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,19 +324,20 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
     from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    styles = {"val/top1": "-", "val/top1_cls": "--", "val/top1_dist": ":"}
+    styles = {"val/top1": "-", "val/top1_cls": "--", "val/top1_dist": ":", TEACHER: "-."}
+    names = {**HEADS, TEACHER: "teacher"}
     for index, run in enumerate(runs):
         color = f"C{index % 10}"
         for key, style in styles.items():
             epochs, values = run.curve(key)
             if epochs:
-                label = run.name if key == "val/top1" else f"{run.name} ({HEADS[key]})"
+                label = run.name if key == "val/top1" else f"{run.name} ({names[key]})"
                 ax.plot(epochs, values, style, color=color, marker="o" if len(epochs) < 30 else None,
                         markersize=3, label=label)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel("val top-1")
-    ax.set_title("val top-1 (solid: prediction, dashed: cls head, dotted: dist head)")
+    ax.set_title("val top-1 (solid: prediction, dashed: cls head, dotted: dist head, dash-dot: teacher)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
+from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
@@ -39,12 +40,12 @@ def train(cfg: DictConfig) -> dict:
         return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
         with open_dict(cfg):
             cfg.data.num_classes = datamodule.num_classes
-    bootstrap_teacher(cfg)
     module = instantiate(cfg.module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
@@ -66,6 +67,8 @@ def train(cfg: DictConfig) -> dict:
     results["epochs"] = trainer.current_epoch
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_global_zero:
+        if (output_dir / "csv" / "metrics.csv").is_file():  # curves are easier seen than read
+            results["curves"] = str(plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png"))
         write_json(output_dir / "results.json", results)
     return results
 

@@ -32,6 +32,7 @@ def test_short_run_writes_checkpoints_results_and_config(tmp_path, digits_teache
     assert (run / ".hydra" / "config.yaml").is_file() and (run / "csv" / "metrics.csv").is_file()
     assert "train/throughput" in (run / "csv" / "metrics.csv").read_text().splitlines()[0]
     assert "student (prediction)" in proc.stdout and str(run) in proc.stdout
+    assert (run / "val_top1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and results["curves"] == str(run / "val_top1.png")
 
 
 def test_resume_continues_from_checkpoint(tmp_path, digits_teacher_file):
@@ -72,6 +73,10 @@ def test_quickstart_trains_its_teacher_on_first_use_then_reuses_it(tmp_path):
     second = run_cli(["experiment=quickstart", *tiny], tmp_path / "second", tmp_path / "cache")
     assert second.returncode == 0, second.stderr[-3000:]
     assert not (tmp_path / "second" / "teacher").exists()
+    # training the teacher first does not shift the student's random stream: same seed, same student
+    metrics = [{k: v for k, v in json.loads((tmp_path / n / "results.json").read_text()).items()
+                if k.startswith(("test/", "teacher/test"))} for n in ("first", "second")]
+    assert metrics[0] == metrics[1] and "test/top1" in metrics[0]
 
 
 @pytest.mark.parametrize("args,message", [
