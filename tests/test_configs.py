@@ -16,7 +16,7 @@ def test_experiment_composes_and_resolves(experiment, tmp_path):
     cfg = compose_config([f"experiment={experiment}"], tmp_path)
     if "num_classes" in cfg.data and cfg.data.num_classes is None:  # a folder source counts them at run time
         cfg.data.num_classes = 1000
-    if cfg.model.get("init_from"):  # needs the file; the rest of the config still has to resolve
+    if "init_from" in cfg.model:  # needs a file (or is required); the rest of the config still has to resolve
         cfg.model.init_from = None
     with torch.device("meta"):
         model = instantiate(cfg.model)

@@ -95,6 +95,16 @@ def test_bad_input_is_one_clear_line(tmp_path, digits_teacher_file, args, messag
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("experiment", ["deit_base_384_finetune", "simmim_finetune"])
+def test_fine_tune_experiments_require_a_checkpoint(tmp_path, experiment):
+    for split in ("train", "val"):
+        (tmp_path / "imagenet" / split / "n01440764").mkdir(parents=True)
+    proc = run_cli([f"experiment={experiment}", f"data.root={tmp_path / 'imagenet'}"], tmp_path / "run",
+                   tmp_path / "cache")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.init_from is not set: pass model.init_from=")
+
+
 def test_teacher_with_other_classes_stops_before_training(tmp_path):
     torch.save(timm.create_model("regnetx_002", num_classes=5).state_dict(), tmp_path / "five.pth")
     proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={tmp_path / 'five.pth'}"], tmp_path / "run",
