@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from deit_train.data.imagefolder import class_folders
 from deit_train.errors import ConfigError
 from deit_train.models.checkpoint import read_state_dict
 
@@ -85,7 +86,7 @@ def _config_beside(path: Path) -> dict:
         raise ConfigError(f"cannot resolve the model/data config in {hydra_cfg}: {exc}") from exc
     root = meta["data"].get("root")
     if root and (Path(root).expanduser() / "train").is_dir():  # an image folder's classes are its folder names
-        meta["class_names"] = sorted(p.name for p in (Path(root).expanduser() / "train").iterdir() if p.is_dir())
+        meta["class_names"] = class_folders(Path(root).expanduser() / "train")
     return meta
 
 

@@ -12,6 +12,11 @@ from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 
+
+def class_folders(split_dir: Path) -> list[str]:
+    """Class names of an ImageNet-layout split: its sub-folder names, sorted (= label order)."""
+    return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
 class ImageFolderDataModule(AugmentedDataModule):
     """Class order = sorted folder names; ``num_classes`` is counted from ``root/train``.
 
@@ -47,7 +52,7 @@ class ImageFolderDataModule(AugmentedDataModule):
             if not (self.root / split).is_dir():
                 raise ConfigError(f"data.root={self.root} has no {split}/ folder: expected root/{train_split}/<class>/ "
                                   f"and root/{val_split}/<class>/ (ImageNet layout)")
-        classes = sorted(p.name for p in (self.root / train_split).iterdir() if p.is_dir())
+        classes = class_folders(self.root / train_split)
         if not classes:
             raise ConfigError(f"{self.root / train_split} has no class folders: expected {train_split}/<class>/<image>")
         if num_classes is not None and num_classes != len(classes):

@@ -1,4 +1,5 @@
-"""Image transforms for ImageNet-style data, from timm's transform factory."""
+"""The evaluation transform for ImageNet-style data, from timm's transform factory (training transforms: the
+augmentation recipes in :mod:`deit_train.data.recipes`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -12,10 +13,3 @@ def eval_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
     return create_transform(image_size, is_training=False, interpolation=interpolation, mean=tuple(mean),
                             std=tuple(std), crop_pct=crop_pct)
 
-
-def basic_train_transform(image_size: int, mean: Sequence[float], std: Sequence[float],
-                          interpolation: str = "bicubic"):
-    """Random resized crop + horizontal flip, no colour or RandAugment."""
-    return create_transform(image_size, is_training=True, interpolation=interpolation, mean=tuple(mean),
-                            std=tuple(std), no_aug=False, hflip=0.5, color_jitter=None, auto_augment=None,
-                            re_prob=0.0)

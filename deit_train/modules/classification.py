@@ -105,11 +105,9 @@ class ClassificationModule(RecipeTrainedModule):
         teacher_logits = self.teacher(images) if (self.teacher is not None and metrics.teacher is not None) else None
         cls, dist = forward_heads(student, images)
         metrics.update(target, cls, dist, teacher_logits)
-        if with_loss:
-            loss = self.criterion(cls, target, dist, teacher_logits) if teacher_logits is not None or dist is None \
-                else None
-            if loss is not None:
-                self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
+        if with_loss:  # _check guarantees the teacher logits and dist head exactly when the criterion distils
+            loss = self.criterion(cls, target, dist, teacher_logits)
+            self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
         for name, metric in metrics.loggable().items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")
 
