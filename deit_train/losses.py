@@ -10,6 +10,9 @@ the teacher term.
 
 ``y`` may be hard labels or soft (mixup / label-smoothed) targets; the teacher always sees the same
 (augmented, mixed) images as the student, so only the class head ever sees ``y``.
+
+A student without distillation token (``model.distilled=false``) learns the teacher term on its class head,
+``z_d = z_s``: the paper's "usual distillation" rows of Table 3 (Hinton et al.'s soft, or hard labels).
 """
 from __future__ import annotations
 
@@ -76,11 +79,14 @@ class DistillationLoss(nn.Module):
         dist_logits: Tensor | None = None,
         teacher_logits: Tensor | None = None,
     ) -> Tensor:
+        """``dist_logits=None`` (no distillation token): the teacher term falls on the class head."""
         base = _cross_entropy(cls_logits, target, self.label_smoothing)
         if self.distill_type == "none":
             return base
-        if dist_logits is None or teacher_logits is None:
-            raise ValueError(f"{self.distill_type} distillation needs the distillation head and the teacher logits")
+        if teacher_logits is None:
+            raise ValueError(f"{self.distill_type} distillation needs the teacher logits")
+        if dist_logits is None:
+            dist_logits = cls_logits
         teacher_logits = teacher_logits.detach()
         if self.distill_type == "soft":
             t = self.tau

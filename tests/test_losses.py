@@ -6,6 +6,7 @@ import torch
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
+from deit_train.models import is_distilled
 
 CLS = torch.tensor([[2.0, 0.0, 0.0]])
 DIST = torch.tensor([[0.0, 1.0, 0.0]])
@@ -80,3 +81,47 @@ def test_teacher_gets_no_gradient():
 def test_bad_options_are_config_errors(kwargs):
     with pytest.raises(ConfigError, match="distill\\."):
         DistillationLoss(**kwargs)
+
+
+def test_usual_hard_distillation_without_token_trains_the_class_head_on_both_targets():
+    """Paper Tab. 3 "hard distillation" without distillation token: the class head learns y and argmax teacher."""
+    loss = DistillationLoss("hard", alpha=0.5)(CLS, Y, None, TEACHER)
+    # CE([2,0,0], 0) = 0.2395447, CE([2,0,0], 2) = log(e^2 + 2) = 2.2395447
+    assert loss.item() == pytest.approx(0.5 * 0.2395447 + 0.5 * 2.2395447, abs=1e-6)
+
+
+def test_usual_soft_distillation_without_token_matches_hinton_kd_on_the_class_head():
+    tau, alpha = 2.0, 0.3
+    loss = DistillationLoss("soft", alpha=alpha, tau=tau)(CLS, Y, None, TEACHER)
+    zt = [math.exp(v) for v in (0, 0, 1.5)]
+    zs = [math.exp(v) for v in (1.0, 0, 0)]  # the class head at temperature 2
+    pt = [v / sum(zt) for v in zt]
+    ps = [v / sum(zs) for v in zs]
+    kl = sum(a * math.log(a / b) for a, b in zip(pt, ps))
+    assert loss.item() == pytest.approx((1 - alpha) * 0.2395447 + alpha * tau**2 * kl, abs=1e-6)
+
+
+def test_distillation_without_teacher_logits_is_refused():
+    with pytest.raises(ValueError, match="teacher logits"):
+        DistillationLoss("hard")(CLS, Y, DIST, None)
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_usual_distillation_run_config_builds_a_token_free_student_learning_from_the_teacher(tmp_path,
+                                                                                         digits_teacher_file):
+    from hydra.utils import instantiate
+
+    from conftest import FAST_DIGITS, compose_config
+
+    cfg = compose_config(["experiment=quickstart", "model.distilled=false", "distill=soft", *FAST_DIGITS,
+                          f"teacher.checkpoint={digits_teacher_file}"], tmp_path)
+    module = instantiate(cfg.module)
+    assert not is_distilled(module.student) and module.teacher is not None
+    images, target = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(0)
+    loss = module.training_step((images, target), 0)
+    cls = module.student(images)
+    teacher = module.teacher(images)
+    by_hand = 0.5 * torch.nn.functional.cross_entropy(cls, target, label_smoothing=0.1) + 0.5 * torch.nn.functional.kl_div(
+        cls.log_softmax(-1), teacher.softmax(-1), reduction="batchmean")
+    assert loss.item() == pytest.approx(by_hand.item(), rel=1e-5)

@@ -3,6 +3,8 @@
 - CLS head only: a student without distillation token, ``distill=none``, no teacher.
 - CLS + distillation head: a distilled student with a frozen teacher; the class head learns from the
   labels, the distillation head from the teacher on the same augmented images; prediction = mean of heads.
+- "Usual distillation" (paper Tab. 3): a student without distillation token and a teacher; the class head
+  learns from both (see :mod:`deit_train.losses`).
 """
 from __future__ import annotations
 
@@ -61,8 +63,6 @@ class ClassificationModule(RecipeTrainedModule):
         if criterion.uses_teacher and teacher is None:
             raise ConfigError(f"distill={kind} needs a teacher: add teacher=<name> (e.g. teacher=regnety_160 "
                               "teacher.checkpoint=/path/regnety_160.pth) or use distill=none")
-        if criterion.uses_teacher and not is_distilled(student):
-            raise ConfigError(f"distill={kind} needs a student with a distillation token: set model.distilled=true")
         if not criterion.uses_teacher and is_distilled(student):
             raise ConfigError("model.distilled=true but distill=none: the distillation head would learn nothing; "
                               "use distill=soft|hard with a teacher, or model.distilled=false (CLS head only)")
