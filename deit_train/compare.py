@@ -19,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from deit_train.errors import ConfigError
+from deit_train.loggers import kept_overrides
+
 # val top-1 of the prediction (mean of the heads when distilled) and of each head; column name in the table
 HEADS = {"val/top1": "top-1", "val/top1_cls": "cls", "val/top1_dist": "dist"}
 TEACHER = "teacher/val_top1"
@@ -39,6 +42,8 @@ class Run:
     # one row per validated epoch (the last record when an interrupted epoch was trained again)
     epochs: dict[int, dict[str, float]] = field(default_factory=dict)
     summary: dict[str, float] = field(default_factory=dict)
+    # the command-line overrides that made it (Hydra's .hydra/overrides.yaml, or the W&B logger's copy)
+    overrides: list[str] = field(default_factory=list)
 
     def curve(self, key: str) -> tuple[list[int], list[float]]:
         points = [(e, row[key]) for e, row in sorted(self.epochs.items()) if _is_number(row.get(key))]
@@ -94,6 +99,7 @@ def load_local_run(run_dir: Path, name: str | None = None) -> Run:
         run.config = yaml.safe_load(hparams.read_text()) or {}
     elif hydra_config.is_file():
         run.config = yaml.safe_load(hydra_config.read_text()) or {}
+    run.overrides = _hydra_overrides(run_dir)
     throughput = []
     metrics = run_dir / "csv" / "metrics.csv"
     if metrics.is_file():
@@ -169,6 +175,7 @@ def load_wandb_offline(run_path: Path, name: str | None = None) -> Run:
             run.summary.update(_final_metrics(row))
             if _is_number(row.get("_runtime")):
                 run.summary["wall_time_s"] = row["_runtime"]
+    run.overrides = _wandb_overrides(run.config)
     return _finish(run, throughput)
 
 
@@ -180,6 +187,7 @@ def load_wandb_online(project: str, group: str | None = None) -> list[Run]:
     runs = []
     for remote in wandb.Api().runs(project, filters={"group": group} if group else None):
         run = Run(name=remote.name, source=f"{project}/{remote.id}", config=dict(remote.config))
+        run.overrides = _wandb_overrides(run.config)
         throughput = []
         for row in remote.scan_history():
             _add_epoch_row(run, row)
@@ -217,9 +225,32 @@ def find_runs(paths: Iterable[Path], source: str = "auto") -> list[Run]:
     base = _common_parent([d for d, _ in found])
     runs = []
     for run_dir, offline in found:
-        name = str(run_dir.relative_to(base)) if base and run_dir != base else run_dir.name
+        name = _readable_name(run_dir, base)
         runs.append(load_wandb_offline(offline, name) if offline else load_local_run(run_dir, name))
     return runs
+
+
+def _hydra_overrides(run_dir: Path) -> list[str]:
+    path = run_dir / ".hydra" / "overrides.yaml"
+    return [str(o) for o in yaml.safe_load(path.read_text()) or []] if path.is_file() else []
+
+
+def _wandb_overrides(config: dict) -> list[str]:
+    overrides = _flatten(config).get("logger.wandb.overrides")
+    return [str(o) for o in overrides] if isinstance(overrides, list) else []
+
+
+def _readable_name(run_dir: Path, base: Path | None) -> str:
+    """The run's path below ``base``, with each multirun job number (``3``) replaced by the overrides that
+    made the job (``distill=hard seed=1``)."""
+    if not base or run_dir == base:
+        return run_dir.name
+    parts, current = [], base
+    for part in run_dir.resolve().relative_to(base).parts:
+        current = current / part
+        kept = kept_overrides(_hydra_overrides(current)) if part.isdigit() else []
+        parts.append(" ".join(kept) if kept else part)
+    return "/".join(parts)
 
 
 def _common_parent(dirs: list[Path]) -> Path | None:
@@ -347,6 +378,199 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
     return out
 
 
+# ---- seed-aware comparison -------------------------------------------------------------------------------------
+# what is averaged over seeds: the test top-1 of the prediction, each head and the teacher (results.json), and the
+# final / best val top-1 of the prediction and each head (the curves)
+TEST_METRICS = {"test top-1": "test/top1", "test cls": "test/top1_cls", "test dist": "test/top1_dist",
+                "teacher test": "teacher/test_top1"}
+VAL_METRICS = [f"{label} {which}" for label in HEADS.values() for which in ("final", "best")]
+
+
+@dataclass
+class RunGroup:
+    """Runs that differ only in their seed (or share the values of ``--group-by``)."""
+    name: str
+    runs: list[Run]
+
+    def values(self, metric: str) -> list[float]:
+        return [v for v in (run_metrics(r).get(metric) for r in self.runs) if _is_number(v)]
+
+
+@dataclass
+class Stats:
+    """``n`` values: mean, sample standard deviation, 95 % t confidence interval of the mean, and the Welch
+    t-test p-value against the baseline group (``None`` where it is undefined: n < 2, or no baseline)."""
+    n: int
+    mean: float
+    std: float | None
+    ci: tuple[float, float] | None
+    p_vs_baseline: float | None = None
+
+
+def run_metrics(run: Run) -> dict[str, float]:
+    row = summary_rows([run])[0]
+    metrics = {label: run.summary.get(key) for label, key in TEST_METRICS.items()}
+    metrics.update({label: row[label] for label in VAL_METRICS})
+    return {k: v for k, v in metrics.items() if _is_number(v)}
+
+
+def describe(values: list[float]) -> Stats:
+    from scipy import stats
+
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return Stats(n, mean, None, None)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    return Stats(n, mean, std, (mean - half, mean + half))
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided Welch t-test p-value (unequal variances); ``None`` when a group has < 2 runs or neither varies."""
+    from scipy import stats
+
+    if len(a) < 2 or len(b) < 2:
+        return None
+    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+    return None if math.isnan(p) else p
+
+
+def _text(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _seed_free(overrides: list[str]) -> tuple[str, ...]:
+    return tuple(o for o in kept_overrides(overrides) if not o.startswith("seed="))
+
+
+def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGroup]:
+    """Runs whose configs differ only in ``seed`` form a group; ``group_by`` (config keys such as
+    ``distill.distill_type``) groups by those values instead. Groups keep the order of their first run."""
+    flat = [_flatten(r.config) for r in runs]
+    keys = group_by or [k for k in config_differences(runs) if k != "seed"]
+    groups: dict[tuple, RunGroup] = {}
+    for run, config in zip(runs, flat):
+        values = tuple(_text(config.get(k)) for k in keys)
+        if values not in groups:
+            groups[values] = RunGroup(name="", runs=[])
+        groups[values].runs.append(run)
+    for values, group in groups.items():
+        overrides = {_seed_free(r.overrides) for r in group.runs}
+        if group_by:
+            group.name = " ".join(f"{k}={v}" for k, v in zip(keys, values))
+        elif len(overrides) == 1 and next(iter(overrides)):  # the overrides the group's runs were made with
+            group.name = " ".join(next(iter(overrides)))
+        else:
+            group.name = " ".join(f"{k}={v}" for k, v in zip(keys, values)) or "all runs"
+    return list(groups.values())
+
+
+def find_baseline(groups: list[RunGroup], baseline: str) -> RunGroup:
+    """The one group whose runs all have ``KEY=VALUE`` among their overrides or in their config."""
+    key, sep, value = baseline.partition("=")
+    if not sep:
+        raise ConfigError(f"--baseline {baseline!r} is not KEY=VALUE: e.g. --baseline distill=none")
+
+    def matches(run: Run) -> bool:
+        return baseline in run.overrides or _text(_flatten(run.config).get(key, object())) == value
+
+    found = [g for g in groups if all(matches(r) for r in g.runs)]
+    if len(found) != 1:
+        what = "no group" if not found else f"{len(found)} groups ({', '.join(g.name for g in found)})"
+        raise ConfigError(f"--baseline {baseline}: {what} of runs has it; groups: "
+                          f"{'; '.join(g.name for g in groups)} (use a key that picks one, or --group-by)")
+    return found[0]
+
+
+def group_statistics(groups: list[RunGroup], baseline: RunGroup | None = None) -> dict[str, dict[str, Stats]]:
+    """Group name -> metric -> :class:`Stats` (p-value against ``baseline`` for every other group)."""
+    table = {}
+    for group in groups:
+        metrics = {}
+        for metric in [*TEST_METRICS, *VAL_METRICS]:
+            values = group.values(metric)
+            if not values:
+                continue
+            metrics[metric] = describe(values)
+            if baseline is not None and group is not baseline:
+                metrics[metric].p_vs_baseline = welch_p(values, baseline.values(metric))
+        table[group.name] = metrics
+    return table
+
+
+def _stats_cells(stats: Stats) -> list[str]:
+    spread = f" ± {stats.std:.4f}" if stats.std is not None else ""
+    ci = f"[{stats.ci[0]:.4f}, {stats.ci[1]:.4f}]" if stats.ci else ""
+    p = f"{stats.p_vs_baseline:.3f}" if stats.p_vs_baseline is not None else ""
+    return [str(stats.n), f"{stats.mean:.4f}{spread}", ci, p]
+
+
+def print_group_comparison(groups: list[RunGroup], baseline: RunGroup | None = None, console=None) -> None:
+    """One row per group and metric: n, mean ± std, 95 % CI, Welch p-value against the baseline."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=200)
+    title = "per group: n, mean ± std, 95 % t confidence interval"
+    title += f", Welch t-test p against {baseline.name}" if baseline else ""
+    table = Table(title=title)
+    for column in ("group", "metric", "n", "mean ± std", "95 % CI", "p" if baseline else ""):
+        if column:
+            table.add_column(column, justify="left" if column in ("group", "metric") else "right")
+    for index, (name, metrics) in enumerate(group_statistics(groups, baseline).items()):
+        for row, (metric, stats) in enumerate(metrics.items()):
+            cells = _stats_cells(stats)
+            table.add_row(name if row == 0 else "", metric, *(cells if baseline else cells[:3]),
+                          end_section=row == len(metrics) - 1)
+    console.print(table)
+
+
+def plot_groups(groups: list[RunGroup], out: Path) -> Path:
+    """Left: val top-1 of the prediction per epoch, mean over each group's runs with a ± std band. Right: each
+    group's test top-1 (val top-1 final without a test) as mean with its 95 % confidence interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
+    metric = "test top-1" if any(g.values("test top-1") for g in groups) else "top-1 final"
+    for index, group in enumerate(groups):
+        color = f"C{index % 10}"
+        per_epoch: dict[int, list[float]] = {}
+        for run in group.runs:
+            for epoch, value in zip(*run.curve("val/top1")):
+                per_epoch.setdefault(epoch, []).append(value)
+        epochs = sorted(e for e, v in per_epoch.items() if len(v) == len(group.runs))  # epochs every run reached
+        if epochs:
+            mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
+            std = [describe(per_epoch[e]).std or 0.0 for e in epochs]
+            curves.plot(epochs, mean, color=color, label=f"{group.name} (n={len(group.runs)})")
+            curves.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=color, alpha=0.2)
+        values = group.values(metric)
+        if values:
+            stats = describe(values)
+            low, high = stats.ci if stats.ci else (stats.mean, stats.mean)
+            bars.errorbar([index], [stats.mean], yerr=[[stats.mean - low], [high - stats.mean]], fmt="o",
+                          color=color, capsize=6)
+            bars.plot([index] * len(values), values, ".", color=color, alpha=0.5)
+    curves.xaxis.set_major_locator(MaxNLocator(integer=True))
+    curves.set(xlabel="epoch", ylabel="val top-1", title="val top-1: mean ± std over seeds")
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize="small")
+    bars.set_xticks(range(len(groups)), [g.name for g in groups], rotation=30, ha="right", fontsize="small")
+    bars.set(ylabel=metric, title=f"{metric}: mean, 95 % CI, runs (dots)")
+    bars.grid(alpha=0.3, axis="y")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare_runs.py", description=__doc__.split("\n\n")[0],
@@ -358,6 +582,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=("auto", "csv", "wandb"), default="auto",
                         help="local runs: CSV logs, offline W&B files, or auto (CSV when present)")
     parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG of the val top-1 curves")
+    parser.add_argument("--group-by", metavar="KEY[,KEY]",
+                        help="config keys that form the groups (default: runs differing only in seed form one)")
+    parser.add_argument("--baseline", metavar="KEY=VALUE",
+                        help="the group the others are tested against (Welch t-test), e.g. distill=none")
     args = parser.parse_args(argv)
     if not args.runs and not args.wandb:
         parser.error("give run directories or --wandb ENTITY/PROJECT")
@@ -369,4 +597,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print_comparison(runs)
     print(f"curves: {plot_curves(runs, args.out)}")
+    groups = group_runs(runs, args.group_by.split(",") if args.group_by else None)
+    if args.group_by or args.baseline or any(len(g.runs) > 1 for g in groups):
+        try:
+            baseline = find_baseline(groups, args.baseline) if args.baseline else None
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print_group_comparison(groups, baseline)
+        print(f"groups: {plot_groups(groups, args.out.with_name(f'{args.out.stem}_groups.png'))}")
     return 0

@@ -74,10 +74,14 @@ def offline_reason(base_url: str | None = None, timeout_s: float = 3.0) -> str |
     return None
 
 
+def kept_overrides(overrides: Sequence[str]) -> list[str]:
+    """The command-line overrides that change what is trained (not where it is stored or how it is shown)."""
+    return [o for o in overrides if not o.lstrip("+~").startswith(_NAME_IGNORED_PREFIXES)]
+
+
 def run_name(experiment: str, overrides: Sequence[str] = ()) -> str:
     """``<experiment>`` plus the command-line overrides that change what is trained, e.g. ``quickstart,distill=soft``."""
-    kept = [o for o in overrides if not o.lstrip("+~").startswith(_NAME_IGNORED_PREFIXES)]
-    return ",".join([experiment, *kept])
+    return ",".join([experiment, *kept_overrides(overrides)])
 
 
 def _run_id(save_dir: Path) -> str | None:

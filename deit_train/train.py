@@ -25,6 +25,7 @@ from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
+from deit_train.modules.disagreement import disagreement_table
 from deit_train.resume import resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
 
@@ -58,6 +59,10 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
 
     results: dict = {"run_dir": str(output_dir)}
+    # the last validation epoch's disagreement table (paper Tab. 4) and token diagnostics
+    results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/disagree_")})
+    for callback in callbacks:
+        results.update(getattr(callback, "run_results", dict)())
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
@@ -150,6 +155,9 @@ def print_summary(results: dict) -> None:
                 table.add_row(name, _fmt(results[top1]), _fmt(results.get(top5)))
     console = Console()
     console.print(table)
+    disagreement = disagreement_table(results)
+    if disagreement is not None:
+        console.print(disagreement)
     console.print(f"run directory: {results['run_dir']}  ({results['wall_time_s']:.0f} s)")
 
 

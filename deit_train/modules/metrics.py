@@ -5,6 +5,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from deit_train.modules.disagreement import Disagreement, disagreement_pairs, metric_name
+
 
 def _topk(num_classes: int, postfix: str) -> MetricCollection:
     return MetricCollection(
@@ -16,7 +18,8 @@ def _topk(num_classes: int, postfix: str) -> MetricCollection:
 
 class EvalMetrics(nn.Module):
     """``<stage>/top1|top5`` (the prediction: average of the heads when distilled), ``_cls`` and ``_dist``
-    per head, ``teacher/<stage>_top1`` and ``<stage>/agreement`` (student prediction == teacher's).
+    per head, ``teacher/<stage>_top1``, ``<stage>/agreement`` (student prediction == teacher's) and
+    ``<stage>/disagree_<a>_<b>`` for each pair of teacher, heads and prediction (paper Tab. 4).
     Metric states are synced across ranks by torchmetrics when logged."""
 
     def __init__(self, stage: str, num_classes: int, distilled: bool, with_teacher: bool) -> None:
@@ -28,6 +31,9 @@ class EvalMetrics(nn.Module):
             self.heads["dist"] = _topk(num_classes, "_dist")
         self.teacher = MulticlassAccuracy(num_classes, top_k=1, average="micro") if with_teacher else None
         self.agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro") if with_teacher else None
+        available = ("cls", "dist", "pred") if distilled else ("cls",)
+        self.disagreement = nn.ModuleDict({f"{a}_{b}": Disagreement() for a, b in
+                                           disagreement_pairs(available + (("teacher",) if with_teacher else ()))})
 
     def update(self, target: Tensor, cls: Tensor, dist: Tensor | None, teacher: Tensor | None) -> None:
         prediction = cls if dist is None else (cls + dist) / 2
@@ -38,6 +44,10 @@ class EvalMetrics(nn.Module):
         if teacher is not None and self.teacher is not None:
             self.teacher.update(teacher, target)
             self.agreement.update(prediction, teacher.argmax(dim=-1))
+        logits = {"teacher": teacher, "cls": cls, "dist": dist, "pred": prediction}
+        for pair, metric in self.disagreement.items():
+            a, b = pair.split("_")
+            metric.update(logits[a], logits[b])
 
     def loggable(self) -> dict[str, object]:
         """Metric objects keyed by their logged name (Lightning computes, syncs and resets them)."""
@@ -47,4 +57,5 @@ class EvalMetrics(nn.Module):
         if self.teacher is not None:
             out[f"teacher/{self.stage}_top1"] = self.teacher
             out[f"{self.stage}/agreement"] = self.agreement
+        out.update({metric_name(self.stage, *pair.split("_")): m for pair, m in self.disagreement.items()})
         return out
