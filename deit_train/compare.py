@@ -15,12 +15,14 @@ import struct
 import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from itertools import combinations
 from pathlib import Path
 
 import yaml
 
 from deit_train.errors import ConfigError
 from deit_train.loggers import kept_overrides
+from deit_train.modules.disagreement import CLASSIFIERS, metric_name
 
 # val top-1 of the prediction (mean of the heads when distilled) and of each head; column name in the table
 HEADS = {"val/top1": "top-1", "val/top1_cls": "cls", "val/top1_dist": "dist"}
@@ -430,7 +432,7 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
     """Two-sided Welch t-test p-value (unequal variances); ``None`` when a group has < 2 runs or neither varies."""
     from scipy import stats
 
-    if len(a) < 2 or len(b) < 2:
+    if len(a) < 2 or len(b) < 2 or (len(set(a)) == 1 and len(set(b)) == 1):  # no spread to test against
         return None
     p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
     return None if math.isnan(p) else p
@@ -526,6 +528,26 @@ def print_group_comparison(groups: list[RunGroup], baseline: RunGroup | None = N
     console.print(table)
 
 
+def print_disagreement(groups: list[RunGroup], console=None) -> None:
+    """The test disagreement table (paper Tab. 4) per group (mean over its runs), when the runs logged one."""
+    from rich.console import Console
+    from rich.table import Table
+
+    pairs = [(a, b) for a, b in combinations(CLASSIFIERS, 2)
+             if any(metric_name("test", a, b) in r.summary for g in groups for r in g.runs)]
+    if not pairs:
+        return
+    table = Table("group", "n", *[f"{a}-{b}" for a, b in pairs],
+                  title="test disagreement (fraction of images, paper Tab. 4), mean over the group's runs")
+    for group in groups:
+        cells = []
+        for a, b in pairs:
+            values = [r.summary[metric_name("test", a, b)] for r in group.runs if metric_name("test", a, b) in r.summary]
+            cells.append(f"{sum(values) / len(values):.4f}" if values else "")
+        table.add_row(group.name, str(len(group.runs)), *cells)
+    (console or Console(width=200)).print(table)
+
+
 def plot_groups(groups: list[RunGroup], out: Path) -> Path:
     """Left: val top-1 of the prediction per epoch, mean over each group's runs with a ± std band. Right: each
     group's test top-1 (val top-1 final without a test) as mean with its 95 % confidence interval."""
@@ -598,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
     print_comparison(runs)
     print(f"curves: {plot_curves(runs, args.out)}")
     groups = group_runs(runs, args.group_by.split(",") if args.group_by else None)
+    print_disagreement(groups)
     if args.group_by or args.baseline or any(len(g.runs) > 1 for g in groups):
         try:
             baseline = find_baseline(groups, args.baseline) if args.baseline else None

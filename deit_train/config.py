@@ -18,6 +18,11 @@ def register_resolvers() -> None:
     # do: merged over a group's default it leaves the default in place.)
     if not OmegaConf.has_resolver("required"):
         OmegaConf.register_new_resolver("required", _required)
+    # ${subset_tag:${data.train_fraction},${data.split_seed}}: files made from a training subset say which
+    if not OmegaConf.has_resolver("subset_tag"):
+        from deit_train.data.subset import subset_tag
+
+        OmegaConf.register_new_resolver("subset_tag", subset_tag)
 
 
 def _required(option: str, hint: str) -> None:

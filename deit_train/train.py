@@ -100,7 +100,10 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
         raise ConfigError(f"teacher.checkpoint={target} cannot be created ({exc.strerror}): point it at a "
                           "writable path or set DEIT_TRAIN_CACHE") from exc
     log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
-    results = train(compose_stage(cfg, [f"experiment={recipe}"], Path(cfg.paths.output_dir) / "teacher"))
+    # the teacher learns from the student's training subset, as the paper's teacher sees the student's data
+    subset = ([f"data.train_fraction={cfg.data.train_fraction}", f"data.split_seed={cfg.data.split_seed}"]
+              if cfg.data.get("train_fraction", 1.0) != 1.0 else [])
+    results = train(compose_stage(cfg, [f"experiment={recipe}", *subset], Path(cfg.paths.output_dir) / "teacher"))
     atomic_torch_save(read_state_dict(results["best_checkpoint"]), target)
     log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
 

@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from deit_train.data.base import ImageDataModule
+from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.errors import ConfigError
 
 
@@ -54,6 +55,7 @@ class DigitsDataModule(ImageDataModule):
     """Handwritten digits, 10 classes, resized to ``image_size``.
 
     Training augmentation is a small random affine jitter (no flips: digits are not mirror-symmetric).
+    ``train_fraction`` keeps a class-balanced subset of the training split (drawn with ``split_seed``).
     """
 
     num_classes = 10
@@ -67,12 +69,14 @@ class DigitsDataModule(ImageDataModule):
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         split_seed: int = 0,
+        train_fraction: float = 1.0,
         augment: bool = True,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean, std=std)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.train_fraction = check_fraction(train_fraction)
         self.augment = augment
         if num_classes != 10:
             raise ConfigError(f"data.num_classes={num_classes}, but the digits have 10 classes: drop the override")
@@ -84,6 +88,8 @@ class DigitsDataModule(ImageDataModule):
         jitter = [v2.RandomAffine(degrees=10, translate=(0.1, 0.1), scale=(0.9, 1.1))] if self.augment else []
         train_tf, eval_tf = v2.Compose(jitter + normalise), v2.Compose(normalise)
         splits = digits_splits(self.val_fraction, self.test_fraction, self.split_seed)
+        keep = balanced_subset(splits["train"][1], self.train_fraction, self.split_seed)
+        splits["train"] = (splits["train"][0][keep], splits["train"][1][keep])
         sets = {}
         for name, (x, y) in splits.items():
             sets[name] = TensorImageDataset(_to_rgb_uint8(x, self.image_size), torch.from_numpy(y),
