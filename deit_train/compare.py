@@ -225,9 +225,10 @@ def find_runs(paths: Iterable[Path], source: str = "auto") -> list[Run]:
             elif has_csv and source != "wandb":
                 found.append((run_dir, None))
     base = _common_parent([d for d, _ in found])
+    shared = shared_overrides([_hydra_overrides(d) for d, _ in found])
     runs = []
     for run_dir, offline in found:
-        name = _readable_name(run_dir, base)
+        name = _readable_name(run_dir, base, shared)
         runs.append(load_wandb_offline(offline, name) if offline else load_local_run(run_dir, name))
     return runs
 
@@ -242,16 +243,23 @@ def _wandb_overrides(config: dict) -> list[str]:
     return [str(o) for o in overrides] if isinstance(overrides, list) else []
 
 
-def _readable_name(run_dir: Path, base: Path | None) -> str:
+def shared_overrides(overrides: list[list[str]]) -> set[str]:
+    """The overrides every run that has some was given (a sweep's fixed ones); none when fewer than two have some."""
+    known = [set(kept_overrides(o)) for o in overrides if o]
+    return set.intersection(*known) if len(known) > 1 else set()
+
+
+def _readable_name(run_dir: Path, base: Path | None, shared: set[str] = frozenset()) -> str:
     """The run's path below ``base``, with each multirun job number (``3``) replaced by the overrides that
-    made the job (``distill=hard seed=1``)."""
+    made the job and vary between the runs (``distill=hard seed=1``)."""
     if not base or run_dir == base:
         return run_dir.name
     parts, current = [], base
     for part in run_dir.resolve().relative_to(base).parts:
         current = current / part
         kept = kept_overrides(_hydra_overrides(current)) if part.isdigit() else []
-        parts.append(" ".join(kept) if kept else part)
+        varying = [o for o in kept if o not in shared]
+        parts.append(" ".join(varying) if varying else part)
     return "/".join(parts)
 
 
@@ -442,8 +450,8 @@ def _text(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def _seed_free(overrides: list[str]) -> tuple[str, ...]:
-    return tuple(o for o in kept_overrides(overrides) if not o.startswith("seed="))
+def _seed_free(overrides: list[str], shared: set[str]) -> tuple[str, ...]:
+    return tuple(o for o in kept_overrides(overrides) if not o.startswith("seed=") and o not in shared)
 
 
 def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGroup]:
@@ -457,8 +465,9 @@ def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGr
         if values not in groups:
             groups[values] = RunGroup(name="", runs=[])
         groups[values].runs.append(run)
+    shared = shared_overrides([r.overrides for r in runs])
     for values, group in groups.items():
-        overrides = {_seed_free(r.overrides) for r in group.runs}
+        overrides = {_seed_free(r.overrides, shared) for r in group.runs}
         if group_by:
             group.name = " ".join(f"{k}={v}" for k, v in zip(keys, values))
         elif len(overrides) == 1 and next(iter(overrides)):  # the overrides the group's runs were made with
@@ -468,8 +477,10 @@ def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGr
     return list(groups.values())
 
 
-def find_baseline(groups: list[RunGroup], baseline: str) -> RunGroup:
-    """The one group whose runs all have ``KEY=VALUE`` among their overrides or in their config."""
+def find_baselines(groups: list[RunGroup], baseline: str) -> dict[str, RunGroup]:
+    """Group name -> the group it is tested against: among the groups whose runs all have ``KEY=VALUE`` (in their
+    overrides or config), the one sharing most of the group's other settings (a sweep over ``distill`` and
+    ``data.train_fraction`` tests each fraction against its own ``distill=none``). Baseline groups map to nothing."""
     key, sep, value = baseline.partition("=")
     if not sep:
         raise ConfigError(f"--baseline {baseline!r} is not KEY=VALUE: e.g. --baseline distill=none")
@@ -477,25 +488,36 @@ def find_baseline(groups: list[RunGroup], baseline: str) -> RunGroup:
     def matches(run: Run) -> bool:
         return baseline in run.overrides or _text(_flatten(run.config).get(key, object())) == value
 
-    found = [g for g in groups if all(matches(r) for r in g.runs)]
-    if len(found) != 1:
-        what = "no group" if not found else f"{len(found)} groups ({', '.join(g.name for g in found)})"
-        raise ConfigError(f"--baseline {baseline}: {what} of runs has it; groups: "
-                          f"{'; '.join(g.name for g in groups)} (use a key that picks one, or --group-by)")
-    return found[0]
+    candidates = [g for g in groups if all(matches(r) for r in g.runs)]
+    if not candidates:
+        raise ConfigError(f"--baseline {baseline}: no group of runs has it; groups: "
+                          f"{'; '.join(g.name for g in groups)}")
+    chosen = {}
+    for group in groups:
+        if group in candidates:
+            continue
+        shared = [len(set(group.name.split()) & set(c.name.split())) for c in candidates]
+        best = [c for c, n in zip(candidates, shared) if n == max(shared)]
+        if len(best) > 1:
+            raise ConfigError(f"--baseline {baseline}: {len(best)} groups ({', '.join(c.name for c in best)}) fit "
+                              f"{group.name} equally: use --group-by, or compare fewer runs at a time")
+        chosen[group.name] = best[0]
+    return chosen
 
 
-def group_statistics(groups: list[RunGroup], baseline: RunGroup | None = None) -> dict[str, dict[str, Stats]]:
-    """Group name -> metric -> :class:`Stats` (p-value against ``baseline`` for every other group)."""
+def group_statistics(groups: list[RunGroup], baselines: dict[str, RunGroup] | None = None
+                     ) -> dict[str, dict[str, Stats]]:
+    """Group name -> metric -> :class:`Stats` (p-value against the group's baseline, :func:`find_baselines`)."""
     table = {}
     for group in groups:
         metrics = {}
+        baseline = (baselines or {}).get(group.name)
         for metric in [*TEST_METRICS, *VAL_METRICS]:
             values = group.values(metric)
             if not values:
                 continue
             metrics[metric] = describe(values)
-            if baseline is not None and group is not baseline:
+            if baseline is not None:
                 metrics[metric].p_vs_baseline = welch_p(values, baseline.values(metric))
         table[group.name] = metrics
     return table
@@ -508,23 +530,26 @@ def _stats_cells(stats: Stats) -> list[str]:
     return [str(stats.n), f"{stats.mean:.4f}{spread}", ci, p]
 
 
-def print_group_comparison(groups: list[RunGroup], baseline: RunGroup | None = None, console=None) -> None:
-    """One row per group and metric: n, mean ± std, 95 % CI, Welch p-value against the baseline."""
+def print_group_comparison(groups: list[RunGroup], baselines: dict[str, RunGroup] | None = None,
+                           console=None) -> None:
+    """One row per group and metric: n, mean ± std, 95 % CI, Welch p-value against the group's baseline."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console(width=200)
     title = "per group: n, mean ± std, 95 % t confidence interval"
-    title += f", Welch t-test p against {baseline.name}" if baseline else ""
+    title += ", Welch t-test p against the baseline group" if baselines is not None else ""
     table = Table(title=title)
-    for column in ("group", "metric", "n", "mean ± std", "95 % CI", "p" if baseline else ""):
-        if column:
-            table.add_column(column, justify="left" if column in ("group", "metric") else "right")
-    for index, (name, metrics) in enumerate(group_statistics(groups, baseline).items()):
+    columns = ["group", "metric", "n", "mean ± std", "95 % CI"] + (["p", "baseline"] if baselines is not None else [])
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("group", "metric", "baseline") else "right")
+    for name, metrics in group_statistics(groups, baselines).items():
+        baseline = (baselines or {}).get(name)
         for row, (metric, stats) in enumerate(metrics.items()):
-            cells = _stats_cells(stats)
-            table.add_row(name if row == 0 else "", metric, *(cells if baseline else cells[:3]),
-                          end_section=row == len(metrics) - 1)
+            cells = _stats_cells(stats)[:len(columns) - 2]
+            if baselines is not None:
+                cells.append(baseline.name if baseline and row == 0 else ("baseline" if row == 0 else ""))
+            table.add_row(name if row == 0 else "", metric, *cells, end_section=row == len(metrics) - 1)
     console.print(table)
 
 
@@ -623,10 +648,10 @@ def main(argv: list[str] | None = None) -> int:
     print_disagreement(groups)
     if args.group_by or args.baseline or any(len(g.runs) > 1 for g in groups):
         try:
-            baseline = find_baseline(groups, args.baseline) if args.baseline else None
+            baselines = find_baselines(groups, args.baseline) if args.baseline else None
         except ConfigError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        print_group_comparison(groups, baseline)
+        print_group_comparison(groups, baselines)
         print(f"groups: {plot_groups(groups, args.out.with_name(f'{args.out.stem}_groups.png'))}")
     return 0

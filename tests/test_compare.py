@@ -8,7 +8,7 @@ import sys
 import pytest
 from scipy import stats as scipy_stats
 
-from deit_train.compare import (Run, describe, find_baseline, find_runs, group_runs, group_statistics, main,
+from deit_train.compare import (Run, describe, find_baselines, find_runs, group_runs, group_statistics, main,
                                 welch_p)
 from deit_train.errors import ConfigError
 
@@ -46,7 +46,9 @@ def test_runs_differing_only_in_seed_form_groups_named_by_their_overrides():
     groups = group_runs(runs)
     assert [(g.name, [r.name for r in g.runs]) for g in groups] == [
         ("distill=none", ["r0", "r2", "r4"]), ("distill=hard", ["r1", "r3"])]
-    table = group_statistics(groups, find_baseline(groups, "distill=none"))
+    baselines = find_baselines(groups, "distill=none")
+    assert {name: b.name for name, b in baselines.items()} == {"distill=hard": "distill=none"}
+    table = group_statistics(groups, baselines)
     assert table["distill=none"]["test top-1"].mean == pytest.approx((0.90 + 0.92 + 0.94) / 3)
     assert table["distill=none"]["test top-1"].p_vs_baseline is None  # the baseline itself
     assert table["distill=hard"]["test top-1"].p_vs_baseline == pytest.approx(
@@ -56,7 +58,30 @@ def test_runs_differing_only_in_seed_form_groups_named_by_their_overrides():
     bare = group_runs([_run(r.name, *r.overrides[0][8:].split(), r.config["seed"], 0.9, overrides=False)
                        for r in runs[:2]])
     assert [g.name for g in bare] == ["distill.distill_type=none", "distill.distill_type=hard"]
-    assert find_baseline(bare, "distill.distill_type=hard") is bare[1]
+    assert find_baselines(bare, "distill.distill_type=hard") == {"distill.distill_type=none": bare[1]}
+
+
+def _efficiency_run(distill, fraction, seed):
+    run = _run(f"{distill}{fraction}{seed}", distill, seed, 0.9)
+    run.config["data"] = {"train_fraction": fraction}
+    run.overrides.append(f"data.train_fraction={fraction}")
+    return run
+
+
+def test_each_group_is_tested_against_the_baseline_sharing_its_other_settings():
+    runs = [_efficiency_run(d, f, s) for d in ("none", "hard") for f in (0.1, 1.0) for s in (0, 1)]
+    groups = group_runs(runs)
+    assert sorted(g.name for g in groups) == ["distill=hard data.train_fraction=0.1",
+                                              "distill=hard data.train_fraction=1.0",
+                                              "distill=none data.train_fraction=0.1",
+                                              "distill=none data.train_fraction=1.0"]
+    assert {k: v.name for k, v in find_baselines(groups, "distill=none").items()} == {
+        "distill=hard data.train_fraction=0.1": "distill=none data.train_fraction=0.1",
+        "distill=hard data.train_fraction=1.0": "distill=none data.train_fraction=1.0"}
+    # a hard run with no fraction override is as close to none@0.1 as to none@1.0
+    mixed = group_runs([*runs[:4], _run("h", "hard", 0, 0.9)])
+    with pytest.raises(ConfigError, match="fit distill=hard equally"):
+        find_baselines(mixed, "distill=none")
 
 
 def test_group_by_and_baseline_errors():
@@ -64,11 +89,9 @@ def test_group_by_and_baseline_errors():
     by_seed = group_runs(runs, ["seed"])
     assert [(g.name, len(g.runs)) for g in by_seed] == [("seed=0", 2), ("seed=1", 1)]
     with pytest.raises(ConfigError, match="no group of runs has it"):
-        find_baseline(group_runs(runs), "distill=soft")
-    with pytest.raises(ConfigError, match="2 groups"):
-        find_baseline(by_seed, "model.hidden_size=96")
+        find_baselines(group_runs(runs), "distill=soft")
     with pytest.raises(ConfigError, match="not KEY=VALUE"):
-        find_baseline(by_seed, "distill")
+        find_baselines(by_seed, "distill")
 
 
 def test_tiny_sweep_compared_end_to_end(tmp_path, digits_teacher_file, capsys):
@@ -76,7 +99,7 @@ def test_tiny_sweep_compared_end_to_end(tmp_path, digits_teacher_file, capsys):
     env = {**os.environ, "DEIT_TRAIN_CACHE": str(tmp_path / "cache"), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(
         [sys.executable, "-m", "deit_train", "-m", "experiment=quickstart", "distill=none,hard", "seed=0,1",
-         f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=2", *FAST_DIGITS,
+         f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=1", *FAST_DIGITS,
          "trainer.enable_progress_bar=false", f"hydra.sweep.dir={sweep}"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
