@@ -355,6 +355,17 @@ def print_comparison(runs: list[Run], console=None) -> None:
         console.print("config differences: none")
 
 
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure as a PNG (parents created) and free it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_curves(runs: list[Run], out: Path) -> Path:
     """Val top-1 per epoch: the prediction solid, the cls / dist heads dashed / dotted, the teacher dash-dotted,
     each run in its own colour."""
@@ -381,11 +392,7 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
     ax.set_title("val top-1 (solid: prediction, dashed: cls head, dotted: dist head, dash-dot: teacher)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 # ---- seed-aware comparison -------------------------------------------------------------------------------------
@@ -611,11 +618,7 @@ def plot_groups(groups: list[RunGroup], out: Path) -> Path:
     bars.set_xticks(range(len(groups)), [g.name for g in groups], rotation=30, ha="right", fontsize="small")
     bars.set(ylabel=metric, title=f"{metric}: mean, 95 % CI, runs (dots)")
     bars.grid(alpha=0.3, axis="y")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def main(argv: list[str] | None = None) -> int:

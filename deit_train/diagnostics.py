@@ -16,6 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
+from deit_train.compare import save_figure
 from deit_train.models.deit import is_distilled
 
 log = logging.getLogger(__name__)
@@ -140,8 +141,4 @@ def plot_token_cosine(history: list[dict], out: Path) -> Path:
     ax.axhline(0.0, color="grey", lw=0.5)
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
