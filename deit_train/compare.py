@@ -444,13 +444,19 @@ def describe(values: list[float]) -> Stats:
 
 
 def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided Welch t-test p-value (unequal variances); ``None`` when a group has < 2 runs or neither varies."""
+    """Two-sided Welch t-test p-value (unequal variances, Welch-Satterthwaite degrees of freedom); ``None`` when a
+    group has < 2 runs or neither group varies."""
     from scipy import stats
 
-    if len(a) < 2 or len(b) < 2 or (len(set(a)) == 1 and len(set(b)) == 1):  # no spread to test against
+    if len(a) < 2 or len(b) < 2:
         return None
-    p = float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-    return None if math.isnan(p) else p
+    (sa, sb) = describe(a), describe(b)
+    va, vb = sa.std**2 / sa.n, sb.std**2 / sb.n
+    if va + vb == 0:  # no spread to test against
+        return None
+    t = (sa.mean - sb.mean) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va**2 / (sa.n - 1) + vb**2 / (sb.n - 1))
+    return float(2 * stats.t.sf(abs(t), df))
 
 
 def _text(value) -> str:

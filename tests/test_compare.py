@@ -2,6 +2,7 @@
 2-seed x 2-variant sweep compared end to end."""
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -114,7 +115,8 @@ def test_tiny_sweep_compared_end_to_end(tmp_path, digits_teacher_file, capsys):
     hard = next(g for g in groups if g.name == "distill=hard")
     values = hard.values("test top-1")
     assert len(values) == 2 and f"{sum(values) / 2:.4f} ± {describe(values).std:.4f}" in out
-    assert "Welch t-test p against distill=none" in out
+    assert "Welch t-test p against the baseline group" in out
+    assert re.search(r"distill=hard\s*│\s*test top-1\s*│\s*2\s*│.*│\s*distill=none\s*│", out), out
     assert "test/disagree" not in out and "teacher" in out  # the disagreement table names classifiers
     for path in (png, tmp_path / "cmp_groups.png"):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 10_000
