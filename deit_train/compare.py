@@ -13,6 +13,7 @@ import json
 import math
 import struct
 import sys
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -253,7 +254,8 @@ def _readable_name(run_dir: Path, base: Path | None, shared: set[str] = frozense
     """The run's path below ``base``, with each multirun job number (``3``) replaced by the overrides that
     made the job and vary between the runs (``distill=hard seed=1``)."""
     if not base or run_dir == base:
-        return run_dir.name
+        kept = kept_overrides(_hydra_overrides(run_dir)) if run_dir.name.isdigit() else []
+        return " ".join(kept) or run_dir.name
     parts, current = [], base
     for part in run_dir.resolve().relative_to(base).parts:
         current = current / part
@@ -360,7 +362,9 @@ def save_figure(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
+    with warnings.catch_warnings():  # long run names in a legend: the layout stays as it is, the PNG is fine
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
@@ -485,6 +489,8 @@ def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGr
             group.name = " ".join(f"{k}={v}" for k, v in zip(keys, values))
         elif len(overrides) == 1 and next(iter(overrides)):  # the overrides the group's runs were made with
             group.name = " ".join(next(iter(overrides)))
+        elif len(group.runs) == 1:  # e.g. a quickstart's bootstrapped teacher, found inside the first job
+            group.name = group.runs[0].name
         else:
             group.name = " ".join(f"{k}={v}" for k, v in zip(keys, values)) or "all runs"
     return list(groups.values())

@@ -57,7 +57,7 @@ def test_runs_differing_only_in_seed_form_groups_named_by_their_overrides():
     # without overrides (e.g. W&B API runs) the differing config keys name the groups; the baseline is found in the
     # config too
     bare = group_runs([_run(r.name, *r.overrides[0][8:].split(), r.config["seed"], 0.9, overrides=False)
-                       for r in runs[:2]])
+                       for r in runs[:4]])
     assert [g.name for g in bare] == ["distill.distill_type=none", "distill.distill_type=hard"]
     assert find_baselines(bare, "distill.distill_type=hard") == {"distill.distill_type=none": bare[1]}
 
