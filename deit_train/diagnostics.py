@@ -64,8 +64,9 @@ class TokenDiagnostics(Callback):
         if student is None or trainer.sanity_checking:
             return
         points = depth_points(student)
-        self._sums = torch.zeros(len(points), dtype=torch.float64, device=pl_module.device)
-        self._count = torch.zeros((), dtype=torch.float64, device=pl_module.device)
+        dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
+        self._sums = torch.zeros(len(points), dtype=dtype, device=pl_module.device)
+        self._count = torch.zeros((), dtype=dtype, device=pl_module.device)
         for index, (module, where) in enumerate(points):
             if where == "input":
                 hook = module.register_forward_pre_hook(lambda m, args, i=index: self._add(i, args[0]))
@@ -75,7 +76,7 @@ class TokenDiagnostics(Callback):
 
     def _add(self, index: int, tokens: Tensor) -> None:
         cosine = token_cosine(tokens.detach())
-        self._sums[index] += cosine.sum().double()
+        self._sums[index] += cosine.sum().to(self._sums.dtype)
         if index == 0:  # every forward passes the first point once
             self._count += cosine.numel()
 

@@ -34,7 +34,8 @@ def test_two_process_ddp_evaluates_like_one_process(tmp_path, digits_teacher_fil
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
     one, two = _results(tmp_path / "single"), _results(tmp_path / "ddp")
-    keys = ["test/top1", "test/top1_cls", "test/top1_dist", "test/top5", "teacher/test_top1", "test/agreement"]
+    keys = ["test/top1", "test/top1_cls", "test/top1_dist", "test/top5", "teacher/test_top1", "test/agreement",
+            "test/disagree_teacher_cls", "test/disagree_cls_dist", "test/disagree_dist_pred"]
     assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-6)
 
     # global batch = 16 per device x 2 devices; lr = base_lr (quickstart 1.6e-2) x 32 / 512
