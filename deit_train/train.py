@@ -22,6 +22,7 @@ from omegaconf import DictConfig, open_dict
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
+from deit_train.data.stream import StepSeeding
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
+    callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
