@@ -25,6 +25,7 @@ from deit_train.config import CONFIG_DIR
 from deit_train.data.stream import StepSeeding
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
+from deit_train.logit_cache import TeacherLogitCache
 from deit_train.models.checkpoint import read_state_dict
 from deit_train.resume import resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
@@ -53,6 +54,8 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
+    if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
+        callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
