@@ -227,15 +227,16 @@ def test_teacher_only_pass_writes_the_training_runs_shards_and_resumes(tmp_path,
 
 
 def test_teacher_only_pass_cli(tmp_path, digits_teacher_file):
-    base = [sys.executable, "-m", "deit_train.teacher_cache", "experiment=quickstart",
+    args = [sys.executable, "-m", "deit_train.teacher_cache", "experiment=quickstart",
             f"teacher.checkpoint={digits_teacher_file}", *FAST_DIGITS, "trainer.max_epochs=1",
-            "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'run'}"]
-    env = {"PYTHONWARNINGS": "ignore", **os.environ}
-    missing = subprocess.run(base, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith(
-        "error: nothing to cache: set teacher.cache_dir=<dir>"), missing.stderr[-2000:]
-    proc = subprocess.run([*base, f"teacher.cache_dir={tmp_path / 'cache'}"], cwd=ROOT, env=env, capture_output=True,
+            "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'run'}", f"teacher.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "teacher cache" in proc.stderr and "1/1" in proc.stderr  # the progress bar
     assert "1 shard(s) computed, 0 already there" in proc.stdout and str(tmp_path / "cache") in proc.stdout
+
+
+def test_teacher_only_pass_without_cache_dir_is_one_line(tmp_path, digits_teacher_file):
+    with pytest.raises(ConfigError, match=r"^nothing to cache: set teacher.cache_dir=<dir>"):
+        fill_cache(_config(tmp_path, "pass", digits_teacher_file))
