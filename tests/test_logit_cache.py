@@ -166,7 +166,7 @@ def test_interrupted_epoch_leaves_no_shard_and_is_computed_later(tmp_path, digit
 
     def failing(self, *args):
         calls.append(1)
-        if len(calls) == 5:  # epoch 1, step 1
+        if len(calls) == 5:  # epoch 1, step 0 (after 3 training steps and 1 validation batch)
             raise RuntimeError("preempted")
         return original(self, *args)
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import json
-import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -15,6 +13,7 @@ from timm.data import Mixup
 
 from conftest import FAST_DIGITS, compose_config
 from deit_train.data.stream import SeededDataset, StepSeeding
+from deit_train.losses import DistillationLoss
 from deit_train.models.simmim import MaskGenerator
 from deit_train.train import train
 
@@ -110,28 +109,35 @@ def _val_rows(run_dir) -> list[dict]:
                 for row in csv.DictReader(handle) if row.get("val/top1")]
 
 
-def test_resume_from_last_checkpoint_ends_like_the_uninterrupted_run(tmp_path, digits_teacher_file):
+def test_resume_from_last_checkpoint_ends_like_the_uninterrupted_run(tmp_path, digits_teacher_file, monkeypatch):
     overrides = [*(a for a in FAST_DIGITS if not a.startswith(("trainer.limit_train", "trainer.limit_val"))),
                  "experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "augment=deit",
                  "module.ema_decay=0.9", "trainer.max_epochs=3", "trainer.limit_train_batches=3",
                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
-                 "trainer.deterministic=true", "trainer.enable_progress_bar=false",
-                 # every epoch's checkpoint kept, to play a run stopped after epoch 1
-                 "+callbacks.every_epoch._target_=lightning.pytorch.callbacks.ModelCheckpoint",
-                 "+callbacks.every_epoch.dirpath=${paths.output_dir}/epochs", "+callbacks.every_epoch.save_top_k=-1",
-                 "+callbacks.every_epoch.mode=max"]
+                 "trainer.deterministic=true", "trainer.enable_progress_bar=false"]
     whole = train(compose_config(overrides, tmp_path / "whole"))
-    (stopped,) = (tmp_path / "whole" / "epochs").glob("epoch=0-*.ckpt")
-    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
-    shutil.copy(stopped, tmp_path / "resumed" / "checkpoints" / "last.ckpt")  # what the stopped run left
-    resumed = train(compose_config(overrides, tmp_path / "resumed"))  # picks up last.ckpt like a requeued job
+
+    original, calls = DistillationLoss.forward, []
+
+    def killed_in_epoch_1(self, *args):  # 3 training steps and 1 validation batch per epoch
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("preempted")
+        return original(self, *args)
+
+    monkeypatch.setattr(DistillationLoss, "forward", killed_in_epoch_1)
+    with pytest.raises(RuntimeError, match="preempted"):
+        train(compose_config(overrides, tmp_path / "requeued"))
+    monkeypatch.setattr(DistillationLoss, "forward", original)
+    assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
+    resumed = train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
 
     weights = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
-               for n in ("whole", "resumed")]
+               for n in ("whole", "requeued")]
     assert weights[0].keys() == weights[1].keys() and all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    val_whole, val_resumed = _val_rows(tmp_path / "whole"), _val_rows(tmp_path / "resumed")
-    assert [r["epoch"] for r in val_resumed] == ["1", "2"]
-    assert val_resumed == val_whole[1:]  # every logged val metric of epochs 1 and 2
+    val_whole, val_resumed = _val_rows(tmp_path / "whole"), _val_rows(tmp_path / "requeued")
+    assert [r["epoch"] for r in val_whole] == ["0", "1", "2"]
+    assert val_resumed == val_whole  # every logged val metric of every epoch (epoch 0 from the first attempt)
     tests = {k: v for k, v in whole.items() if k.startswith(("test/", "teacher/test"))}
     assert tests and tests == {k: v for k, v in resumed.items() if k.startswith(("test/", "teacher/test"))}
-    assert json.loads((tmp_path / "resumed" / "results.json").read_text())["epochs"] == 3
+    assert resumed["epochs"] == 3
