@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from deit_train.config import CONFIG_DIR
 from deit_train.data.stream import seed_globals, step_seed
-from deit_train.errors import ConfigError, find_config_error
+from deit_train.errors import ConfigError, one_line_errors
 from deit_train.logit_cache import TeacherLogitCache, build_teacher
 
 log = logging.getLogger("deit_train")
@@ -102,14 +102,8 @@ def fill_cache(cfg: DictConfig, progress: bool = True) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         result = fill_cache(cfg, progress=cfg.trainer.get("enable_progress_bar", True))
-    except Exception as exc:  # user errors become one line; anything else keeps its traceback
-        error = find_config_error(exc)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print(f"teacher cache {result['entry']}: {result['computed']} shard(s) computed, {result['cached']} already "
           f"there ({result['bytes_per_epoch'] / 2**20:.2f} MiB per epoch)")
 

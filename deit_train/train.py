@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
 from deit_train.data.stream import StepSeeding
-from deit_train.errors import ConfigError, find_config_error
+from deit_train.errors import ConfigError, one_line_errors
 from deit_train.loggers import log_run_config
 from deit_train.logit_cache import TeacherLogitCache
 from deit_train.models.checkpoint import read_state_dict
@@ -160,14 +159,8 @@ def print_summary(results: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         results = train(cfg)
-    except Exception as exc:  # user errors become one line; anything else keeps its traceback
-        error = find_config_error(exc)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
         return
     if "test/top1" in results or "stages" in results:

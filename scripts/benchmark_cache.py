@@ -61,7 +61,8 @@ def main() -> None:
         teacher_file = workdir / f"{args.teacher}.pth"
         torch.manual_seed(0)
         torch.save(timm.create_model(args.teacher, num_classes=1000).state_dict(), teacher_file)
-        common = ["trainer=cpu", "data=fake", f"model.image_size={args.image_size}", f"data.batch_size={args.batch_size}",
+        common = ["trainer=cpu", "data=fake", f"model.image_size={args.image_size}",
+                  f"data.batch_size={args.batch_size}",
                   f"data.num_train={args.steps * args.batch_size}", f"data.num_workers={args.num_workers}",
                   f"trainer.max_epochs={args.epochs}", f"trainer.limit_train_batches={args.steps}",
                   "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",

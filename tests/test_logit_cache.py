@@ -28,7 +28,8 @@ from deit_train.train import train
 
 # 2 epochs x 3 steps of the quickstart at 16 px, no test pass: the cache is about training steps
 SHORT = [*(a for a in FAST_DIGITS if not a.startswith(("trainer.limit_train", "trainer.limit_val"))),
-         "experiment=quickstart", "trainer.max_epochs=2", "trainer.limit_train_batches=3", "trainer.limit_val_batches=1",
+         "experiment=quickstart", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+         "trainer.limit_val_batches=1",
          "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
          "test=false"]
 STEPS = 6
@@ -196,7 +197,8 @@ def test_other_seed_recipe_or_teacher_is_another_entry_reported_in_one_line(tmp_
     base = entry()
     base.open()
     # what a sweep varies: the student, the distillation type and weight -- same entry
-    assert entry("distill=soft", "distill.alpha=0.3", "model.hidden_size=48", "optim.base_lr=1e-3").digest == base.digest
+    sweep = entry("distill=soft", "distill.alpha=0.3", "model.hidden_size=48", "optim.base_lr=1e-3")
+    assert sweep.digest == base.digest
     for extra, differs in ((["seed=43"], "seed"), (["augment=none"], "augment."),
                            ([f"teacher.checkpoint={other_teacher}"], "teacher.weights_sha256"),
                            (["data.batch_size=8"], "per_device_batch")):
@@ -229,7 +231,8 @@ def test_teacher_only_pass_writes_the_training_runs_shards_and_resumes(tmp_path,
 def test_teacher_only_pass_cli(tmp_path, digits_teacher_file):
     args = [sys.executable, "-m", "deit_train.teacher_cache", "experiment=quickstart",
             f"teacher.checkpoint={digits_teacher_file}", *FAST_DIGITS, "trainer.max_epochs=1",
-            "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'run'}", f"teacher.cache_dir={tmp_path / 'cache'}"]
+            "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'run'}",
+            f"teacher.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
