@@ -146,7 +146,6 @@ def _sbatch_train(env, tmp_path, run_dir: Path, *args) -> str:
 def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_file):
     run_dir, epochs = tmp_path / "run", 10
     args = [f"teacher.checkpoint={digits_teacher_file}", f"trainer.max_epochs={epochs}"]
-    reference = _sbatch_train(slurm, tmp_path, tmp_path / "uninterrupted", *args)
     job = _sbatch_train(slurm, tmp_path, run_dir, *args)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait(lambda: _ckpt_epoch(last) >= 1, 240, "two finished epochs")  # epoch index 1 done -> 2 epochs
@@ -171,7 +170,8 @@ def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_
     assert sorted(seen) == list(range(epochs))
     assert all(seen[e] == 1 for e in range(done_before))
     assert _ckpt_epoch(last) == epochs - 1
-    # the deterministic stream: the requeued run ends exactly where the uninterrupted one does
+    # the deterministic stream: the requeued run ends exactly where an uninterrupted one does
+    reference = _sbatch_train(slurm, tmp_path, tmp_path / "uninterrupted", *args)
     _wait(lambda: _job_state(slurm, reference) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300,
           "the uninterrupted job to finish", poll_s=1)
     uninterrupted = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
