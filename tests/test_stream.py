@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Callback
 from timm.data import Mixup
 
-from conftest import FAST_DIGITS, compose_config
-from deit_train.data.stream import SeededDataset, StepSeeding
+from conftest import FAST_DIGITS, ROOT, compose_config
+from deit_train.data.stream import SeededDataset, StepSeeding, seed_globals, step_seed
 from deit_train.losses import DistillationLoss
 from deit_train.models.simmim import MaskGenerator
 from deit_train.train import train
@@ -141,3 +148,52 @@ def test_resume_from_last_checkpoint_ends_like_the_uninterrupted_run(tmp_path, d
     tests = {k: v for k, v in whole.items() if k.startswith(("test/", "teacher/test"))}
     assert tests and tests == {k: v for k, v in resumed.items() if k.startswith(("test/", "teacher/test"))}
     assert resumed["epochs"] == 3
+
+
+class RecordStepDraws(Callback):
+    """Used by the DDP test below inside its rank processes: records the Mixup/CutMix draw of every training batch
+    (peeked without consuming it) and a hash of torch's generator state at that moment, per rank."""
+
+    def __init__(self, out: str) -> None:
+        self.out, self.draws = Path(out), []
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        mixup, draws = pl_module.mixup, self.draws
+
+        def recording(images, target):
+            state = np.random.get_state()
+            lam, use_cutmix = mixup._params_per_batch()
+            np.random.set_state(state)
+            draws.append([float(lam), bool(use_cutmix), hashlib.sha256(torch.get_rng_state().numpy()).hexdigest()])
+            return mixup(images, target)
+
+        pl_module.mixup = recording
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(self.draws))
+
+
+def test_two_gloo_ranks_draw_their_own_mixup_and_masks(tmp_path, digits_teacher_file):
+    args = ["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}",
+            *(a for a in FAST_DIGITS if not a.startswith("trainer.limit_train")), "trainer.limit_train_batches=2",
+            "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "test=false", "strategy=ddp_cpu",
+            "trainer.devices=2", "trainer.enable_progress_bar=false",
+            "+callbacks.record._target_=test_stream.RecordStepDraws",
+            f"+callbacks.record.out={tmp_path / 'draws'}", f"hydra.run.dir={tmp_path / 'run'}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DEIT_TRAIN_CACHE": str(tmp_path / "cache"),
+           "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-m", "deit_train", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "draws" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 2
+    for step in range(2):
+        assert ranks[0][step][0] != ranks[1][step][0]  # Mixup/CutMix lambda
+        assert ranks[0][step][2] != ranks[1][step][2]  # torch's stream: drop-path and SimMIM masks
+    # and each is the (seed, epoch, batch, rank) draw
+    mixup = instantiate(compose_config(["experiment=quickstart", "augment=deit"], tmp_path / "cfg").module.mixup)
+    for rank, draws in enumerate(ranks):
+        for step, (lam, use_cutmix, _) in enumerate(draws):
+            seed_globals(step_seed(42, 0, step, rank))
+            assert [float(x) for x in mixup._params_per_batch()] == [lam, float(use_cutmix)]
