@@ -140,10 +140,12 @@ class CacheEntry:
         self.digest = fingerprint_digest(fingerprint)
         self.path = self.root / self.digest
 
-    def open(self) -> None:
-        """Create the entry (with its ``fingerprint.json``); report once why other entries do not fit."""
+    def open(self, report: bool = True) -> None:
+        """Create the entry (with its ``fingerprint.json``); ``report``: say in one line why other entries do not
+        fit (once per run: rank 0)."""
         if not (self.path / "fingerprint.json").is_file():
-            self._report_others()
+            if report:
+                self._report_others()
             try:
                 self.path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
@@ -290,8 +292,8 @@ class TeacherLogitCache(Callback):
                    verify_every=int(teacher.get("cache_verify_every", 500)))
 
     # ---- lifecycle ----------------------------------------------------------------------------------
-    def attach(self, teacher: nn.Module, datamodule, world_size: int) -> None:
-        """Bind to the run's teacher and (set up) data, open the fingerprint's entry."""
+    def attach(self, teacher: nn.Module, datamodule, world_size: int, report: bool = True) -> None:
+        """Bind to the run's teacher and (set up) data, open the fingerprint's entry (``report``: on rank 0)."""
         self.teacher = teacher
         self.num_classes = teacher.num_classes
         if self.topk > self.num_classes:
@@ -299,7 +301,7 @@ class TeacherLogitCache(Callback):
                               f"use at most {self.num_classes}")
         fingerprint = run_fingerprint(self.run_config, datamodule, teacher, world_size, self.topk, self.dtype)
         self.entry = CacheEntry(self.cache_dir, fingerprint)
-        self.entry.open()
+        self.entry.open(report)
 
     def start_epoch(self, epoch: int, rank: int, steps: int, batch: int) -> bool:
         """Open (epoch, rank): True when it is read from a committed shard, False when it is computed and written."""
@@ -328,7 +330,7 @@ class TeacherLogitCache(Callback):
             pl_module.teacher_cache = self
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.attach(pl_module.teacher, trainer.datamodule, trainer.world_size)
+        self.attach(pl_module.teacher, trainer.datamodule, trainer.world_size, report=trainer.is_global_zero)
         log.info("teacher cache %s (k=%d %s)", self.entry.path, self.topk, self.dtype)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
