@@ -277,6 +277,7 @@ class TeacherLogitCache(Callback):
         self._reader: tuple[np.ndarray, np.ndarray] | None = None
         self._writer: ShardWriter | None = None
         self._epoch = self._step = self._rank = 0
+        self._epoch_started = False
         self._read_steps = 0
         self.stats = {"read": 0, "written": 0, "live": 0, "verified": 0}
 
@@ -306,7 +307,7 @@ class TeacherLogitCache(Callback):
     def start_epoch(self, epoch: int, rank: int, steps: int, batch: int) -> bool:
         """Open (epoch, rank): True when it is read from a committed shard, False when it is computed and written."""
         self.finish_epoch(commit=False)
-        self._epoch, self._rank = epoch, rank
+        self._epoch, self._rank, self._epoch_started = epoch, rank, False
         stem = self.entry.shard(epoch, self._rank)
         self._reader = read_shard(stem, steps, batch, self.topk)
         if self._reader is None:
@@ -342,7 +343,13 @@ class TeacherLogitCache(Callback):
 
     def at_step(self, batch_idx: int) -> None:
         """The training batch of the epoch that the next call serves."""
-        self._step = batch_idx
+        if not self._epoch_started and batch_idx != 0 and (self._reader is not None or self._writer is not None):
+            # restarted mid-epoch (Lightning's hpc_ckpt): its loader starts the epoch over while batch_idx goes on,
+            # so neither the stored batches nor a complete shard match; the teacher runs live until the epoch ends
+            log.info("teacher cache: epoch %d resumed at batch %d, the teacher runs live for the rest of it",
+                     self._epoch, batch_idx)
+            self.finish_epoch(commit=False)
+        self._epoch_started, self._step = True, batch_idx
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.finish_epoch()
@@ -362,6 +369,8 @@ class TeacherLogitCache(Callback):
                             torch.from_numpy(stored_indices.astype(np.int64)).to(logits.device), self.num_classes)
 
     def __call__(self, images: Tensor) -> Tensor:
+        if self._reader is None and self._writer is None:
+            return self.teacher(images)
         if self._reader is None:
             return self.store(self.teacher(images))
         values, indices = (torch.from_numpy(np.array(a[self._step])) for a in self._reader)

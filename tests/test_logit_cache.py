@@ -20,7 +20,7 @@ from hydra.utils import instantiate
 
 from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train.errors import ConfigError
-from deit_train.logit_cache import CacheEntry, build_teacher, dense_logits, run_fingerprint
+from deit_train.logit_cache import CacheEntry, TeacherLogitCache, build_teacher, dense_logits, run_fingerprint
 from deit_train.losses import DistillationLoss
 from deit_train.models.teacher import FrozenTeacher
 from deit_train.teacher_cache import fill_cache
@@ -243,3 +243,23 @@ def test_teacher_only_pass_cli(tmp_path, digits_teacher_file):
 def test_teacher_only_pass_without_cache_dir_is_one_line(tmp_path, digits_teacher_file):
     with pytest.raises(ConfigError, match=r"^nothing to cache: set teacher.cache_dir=<dir>"):
         fill_cache(_config(tmp_path, "pass", digits_teacher_file))
+
+
+def test_epoch_restarted_mid_way_runs_the_teacher_live_and_writes_nothing(tmp_path, digits_teacher_file):
+    cfg = _config(tmp_path, "cfg", digits_teacher_file, f"teacher.cache_dir={tmp_path / 'cache'}")
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    teacher = build_teacher(cfg.teacher)
+    cache = TeacherLogitCache.from_run_config(cfg)
+    cache.attach(teacher, datamodule, world_size=1)
+    images = torch.randn(16, 3, 16, 16)
+    cache.start_epoch(0, 0, steps=3, batch=16)
+    for step in (1, 2):  # a loader restarted by a mid-epoch checkpoint: batch_idx goes on from 1
+        cache.at_step(step)
+        assert torch.equal(cache(images), teacher(images))  # the live logits, not a stored top-k
+    assert not cache.finish_epoch() and not list(cache.entry.path.glob("epoch*"))
+    cache.start_epoch(1, 0, steps=3, batch=16)  # the next epoch is whole again: written
+    for step in range(3):
+        cache.at_step(step)
+        cache(images)
+    assert cache.finish_epoch() and (cache.entry.path / "epoch0001-rank000.json").is_file()
