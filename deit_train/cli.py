@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from deit_train.errors import ConfigError, find_config_error
+from deit_train.errors import ConfigError, one_line_errors
 
 
 def parse_args(defaults: dict, argv: Sequence[str], usage: str) -> DictConfig:
@@ -40,11 +40,5 @@ def parse_args(defaults: dict, argv: Sequence[str], usage: str) -> DictConfig:
 def run_main(main: Callable[[DictConfig], object], defaults: dict, usage: str,
              argv: Sequence[str] | None = None) -> None:
     """Parse, run, and turn user errors into one ``error: ...`` line with exit status 2."""
-    try:
+    with one_line_errors():
         main(parse_args(defaults, sys.argv[1:] if argv is None else argv, usage))
-    except Exception as exc:
-        error = find_config_error(exc)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

@@ -1,6 +1,10 @@
 """User-facing errors: one actionable line naming the option, never a traceback wall."""
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 class ConfigError(ValueError):
     """A bad option or input the user can fix; the entry point prints it as a single line."""
@@ -15,3 +19,17 @@ def find_config_error(exc: BaseException) -> ConfigError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+@contextmanager
+def one_line_errors() -> Iterator[None]:
+    """For entry points: a ConfigError becomes ``error: ...`` on stderr and exit status 2; anything else keeps its
+    traceback."""
+    try:
+        yield
+    except Exception as exc:
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)

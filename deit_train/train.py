@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -22,8 +21,10 @@ from omegaconf import DictConfig, open_dict
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
-from deit_train.errors import ConfigError, find_config_error
+from deit_train.data.stream import StepSeeding
+from deit_train.errors import ConfigError, one_line_errors
 from deit_train.loggers import log_run_config
+from deit_train.logit_cache import TeacherLogitCache
 from deit_train.models.checkpoint import read_state_dict
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.resume import resume_checkpoint
@@ -52,6 +53,9 @@ def train(cfg: DictConfig) -> dict:
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
+    callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
+    if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
+        callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -166,14 +170,8 @@ def print_summary(results: dict) -> None:
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with one_line_errors():
         results = train(cfg)
-    except Exception as exc:  # user errors become one line; anything else keeps its traceback
-        error = find_config_error(exc)
-        if error is None:
-            raise
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
         return
     if "test/top1" in results or "stages" in results:

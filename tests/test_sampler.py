@@ -10,6 +10,7 @@ from lightning.pytorch.trainer.states import RunningStage
 from torch.utils.data import DataLoader, DistributedSampler
 
 from deit_train.data import AugmentRecipe, FakeDataModule, RepeatedAugSampler
+from deit_train.data.stream import SeededSampler
 
 
 def shares(n: int, world: int, epoch: int, **kwargs) -> list[list[int]]:
@@ -73,7 +74,11 @@ def test_datamodule_loader_carries_it_and_lightning_keeps_it():
     dm.setup("fit")
     dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
     loader = dm.train_dataloader()
-    assert isinstance(loader.sampler, RepeatedAugSampler) and loader.sampler.rank == 1
+    # the deterministic stream's sampler walks the repeated-augmentation order of this rank
+    assert isinstance(loader.sampler, SeededSampler) and loader.sampler.rank == 1
+    assert isinstance(loader.sampler.order, RepeatedAugSampler) and loader.sampler.order.rank == 1
+    loader.sampler.set_epoch(4)
+    assert [index for index, _ in loader.sampler] == shares(40, 2, 4, full_epoch=True)[1]
     assert len(loader) == 3 * 40 // 2 // 4
 
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_checkpointing=False,

@@ -134,14 +134,19 @@ def _val_epochs(run_dir: Path) -> list[int]:
         return [int(row["epoch"]) for row in csv.DictReader(handle) if row.get("val/top1")]
 
 
-def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_file):
-    run_dir, epochs = tmp_path / "run", 10
+def _sbatch_train(env, tmp_path, run_dir: Path, *args) -> str:
     submit = subprocess.run(
         ["sbatch", "--parsable", "--gres=none", "--ntasks-per-node=1", "--cpus-per-task=1",
-         f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "train.sbatch"),
-         *TINY, f"teacher.checkpoint={digits_teacher_file}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"],
-        cwd=ROOT, env=slurm, capture_output=True, text=True, check=True)
-    job = submit.stdout.strip().split(";")[0]
+         f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "train.sbatch"), *TINY, *args,
+         f"hydra.run.dir={run_dir}"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    return submit.stdout.strip().split(";")[0]
+
+
+def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_file):
+    run_dir, epochs = tmp_path / "run", 10
+    args = [f"teacher.checkpoint={digits_teacher_file}", f"trainer.max_epochs={epochs}"]
+    job = _sbatch_train(slurm, tmp_path, run_dir, *args)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait(lambda: _ckpt_epoch(last) >= 1, 240, "two finished epochs")  # epoch index 1 done -> 2 epochs
 
@@ -165,6 +170,13 @@ def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_
     assert sorted(seen) == list(range(epochs))
     assert all(seen[e] == 1 for e in range(done_before))
     assert _ckpt_epoch(last) == epochs - 1
+    # the deterministic stream: the requeued run ends exactly where an uninterrupted one does
+    reference = _sbatch_train(slurm, tmp_path, tmp_path / "uninterrupted", *args)
+    _wait(lambda: _job_state(slurm, reference) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300,
+          "the uninterrupted job to finish", poll_s=1)
+    uninterrupted = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())
+    tests = {k: v for k, v in uninterrupted.items() if k.startswith(("test/", "teacher/test"))}
+    assert tests and tests == {k: v for k, v in results.items() if k.startswith(("test/", "teacher/test"))}
 
 
 def test_srun_two_task_ddp_on_cpu(slurm, tmp_path, digits_teacher_file):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset, Sampler
 
 from deit_train.data.base import ImageDataModule
 from deit_train.data.images import SkipCorrupt
@@ -42,9 +42,10 @@ class AugmentedDataModule(ImageDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
         skip_corrupt: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean,
-                         std=std, pin_memory=pin_memory)
+                         std=std, pin_memory=pin_memory, seed=seed)
         self.recipe = recipe or AugmentRecipe()
         self.crop_pct, self.interpolation = crop_pct, interpolation
         self.skip_corrupt = skip_corrupt
@@ -69,13 +70,8 @@ class AugmentedDataModule(ImageDataModule):
         """Corrupt samples met so far (all splits, all workers)."""
         return sum(t.skipped for t in self._tolerant)
 
-    def _world(self) -> tuple[int, int]:
-        trainer = self.trainer  # set by Lightning when fitting
-        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-
-    def train_dataloader(self) -> DataLoader:
-        world, rank = self._world()
-        return self._loader(self.train_set, train=True, sampler=self.recipe.sampler(self.train_set, world, rank))
+    def train_order(self, num_replicas: int, rank: int) -> Sampler | None:
+        return self.recipe.sampler(self.train_set, num_replicas, rank)
 
     def teardown(self, stage: str) -> None:
         if self._tolerant:

@@ -6,12 +6,15 @@ from collections.abc import Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from deit_train.data.stream import SeededDataset, SeededSampler
+
 
 class ImageDataModule(L.LightningDataModule):
     """Base of the data sources. Subclasses set ``num_classes`` in ``__init__`` (models are built from it)
     and fill ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`.
 
-    ``batch_size`` is per device; the global batch is ``batch_size x world size x accumulation``.
+    ``batch_size`` is per device; the global batch is ``batch_size x world size x accumulation``. ``seed`` (the
+    run's) seeds the training order and every sample's augmentation (:mod:`deit_train.data.stream`).
     """
 
     num_classes: int
@@ -24,8 +27,10 @@ class ImageDataModule(L.LightningDataModule):
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = False,
+        seed: int = 0,
     ) -> None:
         super().__init__()
+        self.seed = seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -48,8 +53,23 @@ class ImageDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
         )
 
+    def _world(self) -> tuple[int, int]:
+        trainer = self.trainer  # set by Lightning when fitting
+        return (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+
+    def train_order(self, num_replicas: int, rank: int) -> Sampler | None:
+        """A sampler giving this rank's epoch order (e.g. repeated augmentation), or None: a seeded shuffle."""
+        return None
+
+    def train_loader(self, num_replicas: int, rank: int) -> DataLoader:
+        """The training loader of ``rank`` out of ``num_replicas``: the deterministic stream of
+        :mod:`deit_train.data.stream` (also used by the teacher-only pass, which walks every rank's share)."""
+        sampler = SeededSampler(self.train_set, num_replicas, rank, seed=self.seed,
+                                order=self.train_order(num_replicas, rank))
+        return self._loader(SeededDataset(self.train_set), train=True, sampler=sampler)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
+        return self.train_loader(*self._world())
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

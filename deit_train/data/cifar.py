@@ -78,9 +78,11 @@ class CifarDataModule(AugmentedDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = True,
         recipe: AugmentRecipe | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory)
+                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
+                         seed=seed)
         if num_classes not in _LAYOUTS:
             raise ConfigError(f"data.num_classes={num_classes}: CIFAR has 10 or 100 classes (data=cifar10|cifar100)")
         if not root:

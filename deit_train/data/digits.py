@@ -73,8 +73,10 @@ class DigitsDataModule(ImageDataModule):
         augment: bool = True,
         mean: Sequence[float] = (0.5, 0.5, 0.5),
         std: Sequence[float] = (0.5, 0.5, 0.5),
+        seed: int = 0,
     ) -> None:
-        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean, std=std)
+        super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean, std=std,
+                         seed=seed)
         self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
         self.train_fraction = check_fraction(train_fraction)
         self.augment = augment

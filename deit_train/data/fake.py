@@ -29,9 +29,11 @@ class FakeDataModule(AugmentedDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = False,
         recipe: AugmentRecipe | None = None,
+        seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory)
+                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
+                         seed=seed)
         self.num_classes = num_classes
         self.num_train, self.num_val = num_train, num_val
         self.source_shape = (3, *source_size)

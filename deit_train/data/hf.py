@@ -166,7 +166,7 @@ class HFDataModule(AugmentedDataModule):
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt)
+                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed)
         if not path:
             raise ConfigError("data.path is not set: a save_to_disk folder, or a load_dataset builder such as "
                               "data.path=parquet data.data_files='{train: ..., validation: ...}'")

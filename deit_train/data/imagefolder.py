@@ -40,10 +40,11 @@ class ImageFolderDataModule(AugmentedDataModule):
         skip_corrupt: bool = False,
         train_split: str = "train",
         val_split: str = "val",
+        seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt)
+                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed)
         if not root:
             raise ConfigError("data.root is not set: pass data.root=/path/to/imagenet (a folder with train/ and val/)")
         self.root = Path(root).expanduser()

@@ -1,6 +1,7 @@
 """The frozen teacher: a timm classifier (RegNetY-160 in the paper) that never trains."""
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
 
@@ -91,3 +92,13 @@ class FrozenTeacher(nn.Module):
         if self.renormalise:
             x = x * self.scale + self.shift
         return self.model(x)
+
+    def fingerprint(self) -> dict:
+        """What decides this teacher's outputs (the teacher-logit cache keys its entries by it)."""
+        digest = hashlib.sha256()
+        for name, tensor in sorted(self.model.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return {"architecture": self.model.pretrained_cfg.get("architecture"), "weights_sha256": digest.hexdigest(),
+                "precision": "fp32", "image_size": None,
+                "input_scale": self.scale.flatten().tolist(), "input_shift": self.shift.flatten().tolist()}

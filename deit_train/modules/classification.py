@@ -56,6 +56,7 @@ class ClassificationModule(RecipeTrainedModule):
         if self.ema is not None:
             self.ema_metrics = EvalMetrics("val_ema", num_classes, is_distilled(student), False)
         self._batch_started = 0.0
+        self.teacher_cache = None  # a TeacherLogitCache (teacher.cache_dir) stands in for the teacher in training
 
     @staticmethod
     def _check(student: nn.Module, criterion: DistillationLoss, teacher: FrozenTeacher | None) -> None:
@@ -83,7 +84,8 @@ class ClassificationModule(RecipeTrainedModule):
         images, target = batch
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        teacher_logits = self.teacher(images) if self.teacher is not None else None
+        teacher = self.teacher_cache if self.teacher_cache is not None else self.teacher
+        teacher_logits = teacher(images) if self.teacher is not None else None
         cls, dist = forward_heads(self.student, images)
         loss = self.criterion(cls, target, dist, teacher_logits)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
