@@ -166,12 +166,13 @@ def test_wrong_mask_shape_is_refused():
         SimMIM(tiny_encoder())(torch.randn(2, 3, 16, 16), torch.zeros(2, 15, dtype=torch.bool))
 
 
-def test_mask_token_and_tokens_get_no_weight_decay():
+def test_tokens_get_no_weight_decay_and_the_mask_token_does_as_official():
     model = SimMIM(tiny_encoder(distilled=True))
     optimizer, _ = OptimRecipe(weight_decay=0.05).build(model, 512, 100, 10)
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decay}
-    assert "mask_token" not in names and "encoder.pos_embed" not in names and "encoder.cls_token" not in names
+    # official VisionTransformerForSimMIM lists only pos_embed/cls_token: its (1, 1, dim) mask token is decayed
+    assert "mask_token" in names and "encoder.pos_embed" not in names and "encoder.cls_token" not in names
     assert "encoder.dist_token" not in names and not any(n.endswith(".bias") or "norm" in n for n in names)
     assert "encoder.blocks.0.attn.qkv.weight" in names and "decoder.0.weight" in names
 
@@ -254,22 +255,31 @@ def test_layer_decay_gives_each_block_its_lr(distilled):
     optimizer, scheduler = recipe.build(student, global_batch=1024, total_steps=100, steps_per_epoch=10)
     scheduler.step_update(num_updates=10)  # warmup over: the cosine starts at the peak lr
     peak = base_lr * 1024 / 512
-    # timm's layer ids: embeddings 0, block k -> k + 1, the final norm with the last block, the heads depth + 1
-    # (lr x 1). (BEiT/SimMIM put the final norm with the head; timm keeps it with the last block.)
+    # SimMIM's get_vit_layer: embeddings 0, block k -> k + 1, everything else depth + 1 (lr x 1): the final norm,
+    # the heads and a distillation token (new when fine-tuning a SimMIM encoder; timm would put it at decay^4)
     expected = {"patch_embed.proj.weight": decay ** (depth + 1), "pos_embed": decay ** (depth + 1),
-                "cls_token": decay ** (depth + 1), "norm.weight": decay, "norm.bias": decay, "head.weight": 1.0,
+                "cls_token": decay ** (depth + 1), "norm.weight": 1.0, "norm.bias": 1.0, "head.weight": 1.0,
                 "head.bias": 1.0}
     expected.update({f"blocks.{k}.mlp.fc1.weight": decay ** (depth - k) for k in range(depth)})
     expected.update({f"blocks.{k}.norm1.bias": decay ** (depth - k) for k in range(depth)})
     if distilled:
-        expected.update({"dist_token": decay ** (depth + 1), "head_dist.weight": 1.0})
+        expected.update({"dist_token": 1.0, "head_dist.weight": 1.0, "head_dist.bias": 1.0})
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     params = dict(student.named_parameters())
     for name, scale in expected.items():
         assert lr_of[id(params[name])] == pytest.approx(peak * scale, rel=1e-9), name
     assert len(lr_of) == len(params)  # every parameter is optimised
     assert sorted({round(g["lr"] / peak, 9) for g in optimizer.param_groups}) == \
         sorted({round(decay ** (depth + 1 - i), 9) for i in range(depth + 2)})
+    # weight decay as without layer decay: not on 1-d parameters, tokens and position embedding
+    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.05 and decay_of[id(params["head.weight"])] == 0.05
+    assert decay_of[id(params["cls_token"])] == decay_of[id(params["pos_embed"])] == decay_of[id(params["norm.bias"])] == 0
+
+
+def test_layer_decay_needs_a_vit():
+    with pytest.raises(ConfigError, match="optim.layer_decay=0.65 needs a ViT"):
+        OptimRecipe(layer_decay=0.65).build(torch.nn.Linear(2, 2), 512, 10, 1)
 
 
 # ---- data ---------------------------------------------------------------------------------------------

@@ -114,9 +114,10 @@ class SimMIM(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The encoder's own (position embedding, cls/dist tokens) and the mask token; timm's optimizer
-        factory also skips every 1-d parameter (norms, biases)."""
-        return {ENCODER_PREFIX + k for k in self.encoder.no_weight_decay()} | {"mask_token"}
+        """The encoder's own (position embedding, cls/dist tokens); timm's optimizer factory also skips every
+        1-d parameter (norms, biases). The mask token (1, 1, dim) is weight-decayed, as in the official SimMIM
+        (its ViT encoder does not list it)."""
+        return {ENCODER_PREFIX + k for k in self.encoder.no_weight_decay()}
 
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
         """Patch embeddings, masked ones replaced by ``mask_token``, then cls/dist tokens and position
