@@ -25,7 +25,8 @@ from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
-from deit_train.resume import resume_checkpoint
+from deit_train.loss_curve import plot_loss_curve
+from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -36,6 +37,7 @@ _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
 
 def train(cfg: DictConfig) -> dict:
     """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
+    check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
     if cfg.get("stages"):
         return run_stages(cfg)
     started = time.perf_counter()
@@ -46,6 +48,8 @@ def train(cfg: DictConfig) -> dict:
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
         with open_dict(cfg):
             cfg.data.num_classes = datamodule.num_classes
+    if cfg.get("ckpt_path"):
+        check_checkpoint_fits(cfg.ckpt_path, cfg)
     module = instantiate(cfg.module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
@@ -58,19 +62,41 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
 
     results: dict = {"run_dir": str(output_dir)}
+    results.update(last_epoch_metrics(trainer.callback_metrics))
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["best_checkpoint"] = best
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
+        results.update(test_split_note(datamodule))
     results.update(getattr(module, "param_counts", {}))
     results["epochs"] = trainer.current_epoch
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_global_zero:
-        if (output_dir / "csv" / "metrics.csv").is_file():  # curves are easier seen than read
+        metrics_csv = output_dir / "csv" / "metrics.csv"
+        if metrics_csv.is_file() and "val/top1" in metrics_csv.read_text().partition("\n")[0].split(","):
             results["curves"] = str(plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png"))
+        elif metrics_csv.is_file():  # no labels scored (SimMIM): the loss is the curve
+            results["curves"] = str(plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))
         write_json(output_dir / "results.json", results)
     return results
+
+
+def last_epoch_metrics(metrics: dict) -> dict[str, float]:
+    """The final epoch's validation metrics (``last_epoch/val/top1``, ...), next to the best checkpoint's test."""
+    return {f"last_epoch/{k}": float(v) for k, v in metrics.items() if k.startswith(("val/", "val_ema/"))}
+
+
+def test_split_note(datamodule) -> dict:
+    """Whether ``test/*`` was scored on the validation images that picked the best checkpoint (ImageNet, CIFAR):
+    then it is optimistic, and ``last_epoch/val/*`` is the unselected figure."""
+    splits = getattr(datamodule, "splits", None)
+    same = splits["test"] == splits["val"] if splits else datamodule.test_set is datamodule.val_set
+    note = {"test_split_is_val": same}
+    if same:
+        note["test_note"] = ("test/* scores the checkpoint chosen by val/top1 on the same validation images "
+                             "(optimistic); last_epoch/val/* is the final epoch's, not selected")
+    return note
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -1,5 +1,6 @@
 """SimMIM: masking, the masked-pixel loss, the mask token, fine-tuning from the encoder, layer-wise lr decay."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -42,6 +43,17 @@ def test_mask_generator_masks_exactly_ceil_ratio_squares(image_size, patch, mask
     blocks = masks.view(5, grid // scale, scale, grid // scale, scale).float()
     assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))
     assert blocks.amax(dim=(2, 4)).sum(dim=(1, 2)).tolist() == [masked_squares] * 5
+
+
+@pytest.mark.parametrize("image_size,patch,mask_patch,hint", [
+    (32, 4, 32, "module.mask_patch_size=8 (16 squares)"),  # simmim_pretrain's 32 px squares on 32 px digits
+    (32, 16, 32, "a smaller model.patch_size than 16"),
+])
+def test_a_mask_grid_of_one_square_is_refused(image_size, patch, mask_patch, hint):
+    with pytest.raises(ConfigError, match=rf"^module.mask_patch_size={mask_patch} cuts {image_size} px images into 1 "
+                                          rf"mask square\(s\), so every image would be masked whole.*{re.escape(hint)}"):
+        MaskGenerator(image_size, patch, mask_patch, 0.6)
+    assert MaskGenerator(32, 4, 16, 0.6)(2).float().mean() == 0.75  # 2x2 grid: ceil(0.6 x 4) = 3 of 4 squares
 
 
 def test_mask_generator_is_random_per_image_and_seedable():
@@ -322,6 +334,11 @@ def test_simmim_quickstart_stages_write_images_checkpoints_and_both_scores(tmp_p
     log = (run / "train.log").read_text()
     assert f"initialised student from {run / 'pretrain' / 'checkpoints' / 'last.ckpt'}" in log
     assert log.count("initialised student from") == 1
+    assert "(new: head.weight, head.bias)" in log  # the classifier starts new (the log said "new: none")
+    # no labels to score: the pretraining curve is the reconstruction loss, not an empty val_top1.png
+    assert results["stages"]["pretrain"]["curves"] == str(run / "pretrain" / "val_loss.png")
+    assert not (run / "pretrain" / "val_top1.png").exists()
+    assert (run / "pretrain" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     # the reconstruction grid of step 0: rows original / masked / reconstruction, 8 images of 32 px
     png = run / "pretrain" / "simmim_images" / "step0000000.png"
     with Image.open(png) as grid:
