@@ -68,7 +68,7 @@ def train(cfg: DictConfig) -> dict:
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["best_checkpoint"] = best
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
-        results.update(test_split_note(datamodule))
+        results.update(split_honesty(datamodule))
     results.update(getattr(module, "param_counts", {}))
     results["epochs"] = trainer.current_epoch
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
@@ -87,7 +87,7 @@ def last_epoch_metrics(metrics: dict) -> dict[str, float]:
     return {f"last_epoch/{k}": float(v) for k, v in metrics.items() if k.startswith(("val/", "val_ema/"))}
 
 
-def test_split_note(datamodule) -> dict:
+def split_honesty(datamodule) -> dict:
     """Whether ``test/*`` was scored on the validation images that picked the best checkpoint (ImageNet, CIFAR):
     then it is optimistic, and ``last_epoch/val/*`` is the unselected figure."""
     splits = getattr(datamodule, "splits", None)
