@@ -23,6 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deit_train.errors import ConfigError
+from deit_train.options import load_checkpoint_file
 from deit_train.trained_model import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -96,14 +97,7 @@ def check_same_experiment(cfg: DictConfig, run_dir: str | Path) -> None:
 
 def check_checkpoint_fits(ckpt_path: str | Path, cfg: DictConfig) -> None:
     """``ckpt_path`` must be a readable Lightning checkpoint of the model this run builds; one line otherwise."""
-    path = Path(ckpt_path).expanduser()
-    if not path.is_file():
-        raise ConfigError(f"ckpt_path={ckpt_path} does not exist: pass <run dir>/checkpoints/last.ckpt of a run")
-    try:  # memory-mapped: only the small stored config is read
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # torch raises many types for a truncated or foreign file
-        raise ConfigError(f"ckpt_path={ckpt_path} cannot be read as a checkpoint ({type(exc).__name__}): pass a "
-                          ".ckpt written by `python -m deit_train`") from exc
+    checkpoint = load_checkpoint_file("ckpt_path", ckpt_path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
         raise ConfigError(f"ckpt_path={ckpt_path} is not a Lightning training checkpoint: to start from its weights "
                           f"use model.init_from={ckpt_path} instead")
@@ -111,8 +105,8 @@ def check_checkpoint_fits(ckpt_path: str | Path, cfg: DictConfig) -> None:
     if not stored or "model" not in cfg:
         return
     asked = OmegaConf.to_container(cfg.model, resolve=True)
-    differing = [k for k in sorted(stored.keys() | asked.keys())
-                 if k not in _SHAPE_FREE_MODEL_KEYS and stored.get(k) != asked.get(k)]
+    differing = [k for k in sorted(stored.keys() & asked.keys())  # a key the file lacks predates its option
+                 if k not in _SHAPE_FREE_MODEL_KEYS and stored[k] != asked[k]]
     if differing:
         trained = ", ".join(f"model.{k}={stored.get(k)}" for k in differing)
         wanted = ", ".join(str(asked.get(k)) for k in differing)

@@ -25,6 +25,7 @@ from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
+from deit_train.options import check_options, check_paths
 from deit_train.loss_curve import plot_loss_curve
 from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
@@ -38,11 +39,13 @@ _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
 def train(cfg: DictConfig) -> dict:
     """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
     check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
+    check_options(cfg)
     if cfg.get("stages"):
         return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
+    check_paths(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
