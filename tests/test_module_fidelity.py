@@ -54,3 +54,15 @@ def test_results_say_when_the_test_split_is_the_validation_split():
     assert split_honesty(SimpleNamespace(val_set=object(), test_set=object())) == {"test_split_is_val": False}
     hf = SimpleNamespace(splits={"train": "train", "val": "validation", "test": "validation"}, val_set=1, test_set=2)
     assert split_honesty(hf)["test_split_is_val"] is True
+
+
+def test_soft_paper_preset_is_the_official_loss_with_tau_3_and_alpha_0_1(tmp_path):
+    criterion = instantiate(compose_config(["experiment=quickstart", "distill=soft_paper"], tmp_path).distill)
+    torch.manual_seed(0)
+    cls, dist, teacher = torch.randn(3, 4, 10).unbind(0)
+    target = torch.tensor([1, 2, 3, 4])
+    # official losses.py: kl_div(sum, log_target) x T^2 / outputs.numel(); base: label smoothing 0.1 (deit recipe)
+    kl = F.kl_div(F.log_softmax(dist / 3, dim=1), F.log_softmax(teacher / 3, dim=1), reduction="sum",
+                  log_target=True) * 9 / dist.numel()
+    expected = 0.9 * F.cross_entropy(cls, target, label_smoothing=0.1) + 0.1 * kl
+    assert criterion(cls, target, dist, teacher).item() == pytest.approx(expected.item(), rel=1e-6)

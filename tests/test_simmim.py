@@ -227,6 +227,18 @@ def test_init_from_simmim_loads_every_encoder_weight(tmp_path):
         assert torch.equal(target[key], tensor), key
 
 
+def test_init_from_simmim_with_layer_scale_into_a_mean_pooled_student(tmp_path, caplog):
+    """SimMIM's fine-tuning: layer scale as pretrained, mean pooling with a new norm after it (fc_norm)."""
+    path, simmim = _simmim_checkpoint(tmp_path, init_values=0.1)
+    with caplog.at_level("INFO", logger="deit_train.models.checkpoint"):
+        student = create_deit(**TINY, num_classes=10, init_values=0.1, global_pool="avg", init_from=str(path))
+    source, target = simmim.encoder.state_dict(), student.state_dict()
+    assert set(target) - set(source) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(target["blocks.2.ls2.gamma"], source["blocks.2.ls2.gamma"])  # layer scale came from the file
+    assert torch.equal(target["fc_norm.weight"], torch.ones(24))  # new, as the official fine-tuning leaves it
+    assert "new: fc_norm.weight, fc_norm.bias, head.weight, head.bias; left behind: norm.weight, norm.bias" in caplog.text
+
+
 def test_init_from_simmim_into_a_distilled_student(tmp_path):
     path, simmim = _simmim_checkpoint(tmp_path)
     student = create_deit(**TINY, num_classes=10, distilled=True, init_from=str(path))
