@@ -14,6 +14,8 @@ from deit_train.errors import ConfigError
 
 # Counts and their minimum (num_workers 0 = load in the main process).
 COUNTS = {"data.batch_size": 1, "trainer.max_epochs": 1, "data.num_workers": 0, "trainer.accumulate_grad_batches": 1}
+# Numbers in some configs that also take text: `trainer.devices=auto|0,1`, `trainer.precision=bf16-mixed`.
+NUMBER_OR_TEXT = ("trainer.devices", "trainer.precision")
 # Options holding a weights file (or a transformers directory).
 WEIGHT_FILES = ("teacher.checkpoint", "model.init_from")
 
@@ -53,7 +55,7 @@ def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: Dict
         key, _, _ = override.lstrip("+~").partition("=")
         default = OmegaConf.select(defaults, key, default=None)
         value = OmegaConf.select(cfg, key, default=None, throw_on_resolution_failure=False)
-        if _is_number(default) and isinstance(value, str):
+        if _is_number(default) and isinstance(value, str) and key not in NUMBER_OR_TEXT:
             raise ConfigError(f"{key}={value!r} is not a number (the config's default is {default}): pass a number")
 
 
