@@ -91,7 +91,7 @@ def test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule(o
     assert lrs[:4] == pytest.approx([_cosine(s, 4) for s in range(1, 5)], rel=1e-6)
     assert lrs[4:] == pytest.approx([_cosine(s, 12) for s in range(5, 13)], rel=1e-6)
     assert lrs[4] > 10 * MIN_LR
-    assert "lr schedule extended: the checkpoint's ran 4 optimizer steps, this run's runs 12" in \
+    assert "lr schedule extended: the checkpoint's schedule had 4 optimizer steps, this run's has 12" in \
         (run / "train.log").read_text()
 
 

@@ -60,8 +60,8 @@ class RecipeCosineScheduler(CosineLRScheduler):
         old_steps = state_dict.get("t_initial", self.t_initial) + state_dict.get("warmup_t", self.warmup_t)
         new_steps = self.t_initial + self.warmup_t
         if old_steps != new_steps:
-            log.info("lr schedule extended: the checkpoint's ran %d optimizer steps, this run's runs %d; the "
-                     "cosine continues on the new length from the restored step", old_steps, new_steps)
+            log.info("lr schedule extended: the checkpoint's schedule had %d optimizer steps, this run's has %d; "
+                     "the cosine continues on the new length from the restored step", old_steps, new_steps)
 
 
 @dataclass
