@@ -73,7 +73,12 @@ def load_checkpoint_file(option: str, path: str | os.PathLike):
 
             with safe_open(str(path), framework="pt") as handle:
                 return {key: None for key in handle.keys()}
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as exc:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch/safetensors raise many types for a truncated or foreign file
         raise ConfigError(f"{option}={path} cannot be read as a checkpoint ({type(exc).__name__}; truncated or not a "
                           "torch/safetensors file): pass a .pth/.ckpt/.safetensors file of weights") from exc

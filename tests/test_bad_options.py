@@ -86,3 +86,10 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, digits_teacher_file, args
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_legacy_format_weights_file_is_still_accepted(tmp_path):
+    from deit_train.options import load_checkpoint_file
+
+    torch.save({"w": torch.ones(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # pre-1.6 files
+    assert torch.equal(load_checkpoint_file("teacher.checkpoint", tmp_path / "old.pth")["w"], torch.ones(2))
