@@ -7,7 +7,7 @@ import torch
 from conftest import FAST_DIGITS, compose_config, run_cli
 from deit_train.cli import parse_args
 from deit_train.errors import ConfigError
-from deit_train.options import check_counts, check_paths
+from deit_train.options import check_counts, check_paths, load_checkpoint_file
 from deit_train.resume import check_checkpoint_fits
 
 
@@ -89,7 +89,5 @@ def test_the_cli_prints_one_line_and_exits_2(tmp_path, digits_teacher_file, args
 
 
 def test_a_legacy_format_weights_file_is_still_accepted(tmp_path):
-    from deit_train.options import load_checkpoint_file
-
     torch.save({"w": torch.ones(2)}, tmp_path / "old.pth", _use_new_zipfile_serialization=False)  # pre-1.6 files
     assert torch.equal(load_checkpoint_file("teacher.checkpoint", tmp_path / "old.pth")["w"], torch.ones(2))
