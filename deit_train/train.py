@@ -70,6 +70,8 @@ def train(cfg: DictConfig) -> dict:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["best_checkpoint"] = best
+        if best and trainer.checkpoint_callback.best_model_score is not None:  # what chose it, beside last_epoch/
+            results[f"best/{trainer.checkpoint_callback.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
         results.update(split_honesty(datamodule))
     results.update(getattr(module, "param_counts", {}))

@@ -83,6 +83,12 @@ def test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule(o
     assert (run / ".hydra" / "config.yaml").read_bytes() == stored
     results = json.loads((run / "results.json").read_text())
     assert results["epochs"] == 3 and results["best_checkpoint"].startswith(str(run / "checkpoints"))
+    with open(run / "csv" / "metrics.csv", newline="") as handle:
+        val_top1 = {int(r["epoch"]): float(r["val/top1"]) for r in csv.DictReader(handle) if r.get("val/top1")}
+    assert sorted(val_top1) == [0, 1, 2]  # the curve continues in the same CSV
+    assert results["best/val/top1"] == pytest.approx(max(val_top1.values()))  # the resumed run knows epoch 0's
+    assert results["last_epoch/val/top1"] == pytest.approx(val_top1[2])
+    assert results["test_split_is_val"] is False  # the digits have their own test split
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 3 * STEPS_PER_EPOCH
     # train/lr is logged after the scheduler's update, i.e. the lr of the next step. Epoch 0 followed the 4-step
     # cosine; epochs 1-2 continue the 12-step cosine from step 4 (before: the restored 4-step one, min_lr throughout)
