@@ -21,10 +21,16 @@ class NonFiniteLossError(ConfigError):
 def check_finite(module: L.LightningModule, loss: Tensor, terms: Callable[[], Mapping[str, Tensor | None]]) -> None:
     """Raise :class:`NonFiniteLossError` when ``loss`` is not finite. ``terms`` (called only then) maps each
     input of the loss to its tensor; the message names those that are not finite."""
-    if bool(torch.isfinite(loss.detach()).all()):
+    finite = bool(torch.isfinite(loss.detach()).all())
+    if module.trainer.world_size > 1:  # every rank stops together, none waits in the next all-reduce
+        finite = not module.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+    if finite:
         return
     bad = [name for name, tensor in terms().items() if tensor is not None and not bool(torch.isfinite(tensor).all())]
-    where = ", ".join(bad) if bad else "the loss itself (its inputs are finite)"
+    if bool(torch.isfinite(loss.detach()).all()):
+        where = "loss on another rank"
+    else:
+        where = ", ".join(bad) if bad else "the loss itself (its inputs are finite)"
     raise NonFiniteLossError(
         f"the training loss is {loss.detach().float().item()} at epoch {module.current_epoch}, step "
         f"{module.global_step}: non-finite {where}; the run stopped and the last good checkpoint is kept: lower "
