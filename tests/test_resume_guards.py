@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from conftest import FAST_DIGITS, ROOT, run_cli
+from deit_train.errors import ConfigError
+from deit_train.eval import evaluate
 
 # lr = 1.6e-2 x 16 / 512 = 5e-4; no warmup, so the lr of optimizer step s of a T-step run is the cosine's
 PEAK, MIN_LR, STEPS_PER_EPOCH = 1.6e-2 * 16 / 512, 1e-5, 4
@@ -38,9 +40,19 @@ def _last_line(proc) -> str:
 def one_epoch_run(tmp_path_factory, digits_teacher_file):
     """A one-epoch quickstart run (4 optimizer steps), copied per test that changes it."""
     tmp = tmp_path_factory.mktemp("resume")
-    proc = run_cli(_args(digits_teacher_file), tmp / "run", tmp / "cache")
+    proc = run_cli(_args(digits_teacher_file, "trainer.limit_test_batches=1.0"), tmp / "run", tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp / "run"
+
+
+def test_eval_reproduces_the_runs_own_test_metrics(one_epoch_run):
+    results = json.loads((one_epoch_run / "results.json").read_text())
+    metrics = evaluate(results["best_checkpoint"])  # the data set from the checkpoint's stored config
+    for key in ("test/top1", "test/top5", "test/top1_cls", "test/top1_dist"):
+        assert metrics[key] == pytest.approx(results[key], abs=1e-6), key
+    assert set(evaluate(results["best_checkpoint"], split="val")) == {k.replace("test/", "val/") for k in metrics}
+    with pytest.raises(ConfigError, match="^split=train is not one of test, val"):
+        evaluate(results["best_checkpoint"], split="train")
 
 
 def test_rerun_with_another_config_is_refused_and_the_stored_config_kept(one_epoch_run, digits_teacher_file, tmp_path):
