@@ -24,9 +24,9 @@ from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
+from deit_train.loss_curve import plot_loss_curve
 from deit_train.models.checkpoint import read_state_dict
 from deit_train.options import check_options, check_paths
-from deit_train.loss_curve import plot_loss_curve
 from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
 
@@ -79,7 +79,7 @@ def train(cfg: DictConfig) -> dict:
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_global_zero:
         metrics_csv = output_dir / "csv" / "metrics.csv"
-        if metrics_csv.is_file() and "val/top1" in metrics_csv.read_text().partition("\n")[0].split(","):
+        if metrics_csv.is_file() and "val/top1" in metrics_csv.open().readline().strip().split(","):
             results["curves"] = str(plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png"))
         elif metrics_csv.is_file():  # no labels scored (SimMIM): the loss is the curve
             results["curves"] = str(plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))
