@@ -79,10 +79,12 @@ def train(cfg: DictConfig) -> dict:
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_global_zero:
         metrics_csv = output_dir / "csv" / "metrics.csv"
-        if metrics_csv.is_file() and "val/top1" in metrics_csv.open().readline().strip().split(","):
-            results["curves"] = str(plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png"))
-        elif metrics_csv.is_file():  # no labels scored (SimMIM): the loss is the curve
-            results["curves"] = str(plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))
+        if metrics_csv.is_file():  # curves are easier seen than read
+            with open(metrics_csv) as handle:
+                scored = "val/top1" in handle.readline().strip().split(",")
+            results["curves"] = str(
+                plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png") if scored
+                else plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))  # no labels scored (SimMIM)
         write_json(output_dir / "results.json", results)
     return results
 
