@@ -12,6 +12,7 @@ from conftest import run_cli
 from deit_train.data.digits import DigitsDataModule
 from deit_train.data.simmim import SimMIMTrainTransform
 from deit_train.errors import ConfigError
+from deit_train.loss_curve import loss_per_epoch, plot_loss_curve
 from deit_train.models import create_deit, create_timm_classifier, forward_heads
 from deit_train.models.simmim import MaskGenerator, SimMIM, masked_l1_loss, pixel_mask
 from deit_train.modules.optim import OptimRecipe
@@ -356,3 +357,10 @@ def test_simmim_quickstart_stages_write_images_checkpoints_and_both_scores(tmp_p
     with Image.open(png) as grid:
         assert grid.size == (8 * 33 + 1, 3 * 33 + 1)
     assert "finetune" in proc.stdout and "scratch" in proc.stdout
+
+
+def test_loss_curve_keeps_the_last_record_of_each_epoch(tmp_path):
+    csv_file = tmp_path / "metrics.csv"
+    csv_file.write_text("epoch,step,train/loss_epoch,val/loss\n0,3,,0.9\n0,3,0.95,\n1,7,,0.7\n1,7,,0.6\n1,7,0.8,\n")
+    assert loss_per_epoch(csv_file) == {"train/loss_epoch": {0: 0.95, 1: 0.8}, "val/loss": {0: 0.9, 1: 0.6}}
+    assert plot_loss_curve(csv_file, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
