@@ -34,7 +34,14 @@ def parse_args(defaults: dict, argv: Sequence[str], usage: str) -> DictConfig:
             cfg.merge_with(OmegaConf.from_dotlist([item]))
         except Exception as exc:  # OmegaConf's own type errors name the key and value
             raise ConfigError(f"bad value in '{item}': {exc}".splitlines()[0]) from exc
+        default, value = OmegaConf.select(OmegaConf.create(defaults), key), OmegaConf.select(cfg, key)
+        if _is_number(default) and not _is_number(value):
+            raise ConfigError(f"{key}={value!r} is not a number (default {default}): pass a number")
     return cfg
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def run_main(main: Callable[[DictConfig], object], defaults: dict, usage: str,

@@ -1,4 +1,5 @@
-"""Which checkpoint a run resumes from: preemption-safe restarts in the same run directory.
+"""Which checkpoint a run resumes from (preemption-safe restarts in the same run directory), and the guards that
+keep a resumed run the same experiment (same trained config, same architecture, same run directory).
 
 A Slurm job that is preempted, hits its time limit or is requeued (``scontrol requeue``) starts again with the
 same command and the same run directory. It continues from the newest of
@@ -16,7 +17,14 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import torch
+from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from deit_train.errors import ConfigError
+from deit_train.options import load_checkpoint_file
+from deit_train.trained_model import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 
@@ -34,3 +42,94 @@ def resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
     newest = max(existing, key=lambda path: path.stat().st_mtime)
     log.info("resuming from %s (newest checkpoint in the run directory; ckpt_path=... picks another)", newest)
     return str(newest)
+
+
+# What a run trains; a resumed run must agree on all of it (trainer length, loggers, paths and workers may change).
+TRAINED_SECTIONS = ("model", "teacher", "distill", "data", "augment", "optim", "module")
+_NOT_TRAINED_KEYS = ("data.num_workers", "data.pin_memory")
+# Model options that do not change the weights' shapes: a checkpoint of another value still fits.
+_SHAPE_FREE_MODEL_KEYS = ("init_from", "pretrained", "drop_path_rate")
+
+
+def stored_config_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ".hydra" / "config.yaml"
+
+
+def run_dir_of(ckpt_path: str | Path) -> Path | None:
+    """``<run>`` for ``<run>/checkpoints/<name>.ckpt`` of a run of this framework (it has ``.hydra/config.yaml``)."""
+    path = Path(ckpt_path).expanduser().resolve()
+    run_dir = path.parent.parent
+    return run_dir if path.parent.name == "checkpoints" and stored_config_path(run_dir).is_file() else None
+
+
+def _flat(node, prefix: str = "") -> dict[str, object]:
+    if isinstance(node, dict):
+        out: dict[str, object] = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out or {prefix[:-1]: {}}
+    return {prefix[:-1]: node}
+
+
+def _trained(cfg: DictConfig) -> dict[str, object]:
+    flat = _flat({k: OmegaConf.to_container(cfg[k], resolve=False) if isinstance(cfg.get(k), DictConfig)
+                  else cfg.get(k) for k in TRAINED_SECTIONS})
+    return {k: v for k, v in flat.items() if not k.startswith(_NOT_TRAINED_KEYS)}
+
+
+def _differences(stored: dict, asked: dict, limit: int = 6) -> str:
+    keys = sorted(k for k in stored.keys() | asked.keys() if stored.get(k, "<unset>") != asked.get(k, "<unset>"))
+    shown = [f"{k}: {stored.get(k, '<unset>')} -> {asked.get(k, '<unset>')}" for k in keys[:limit]]
+    return ", ".join(shown) + (f" (+{len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def check_same_experiment(cfg: DictConfig, run_dir: str | Path) -> None:
+    """Refuse to continue a run directory whose stored config trains something else (the stored config is the
+    run's record and is never rewritten: see :class:`KeepStoredRunConfig`)."""
+    stored_path = stored_config_path(run_dir)
+    if not stored_path.is_file():
+        return
+    diff = _differences(_trained(OmegaConf.load(stored_path)), _trained(cfg))
+    if diff:
+        raise ConfigError(f"run directory {run_dir} holds a run with another config ({diff}): pass a new "
+                          "hydra.run.dir for a new experiment, or the run's own settings to continue it")
+
+
+def check_checkpoint_fits(ckpt_path: str | Path, cfg: DictConfig) -> None:
+    """``ckpt_path`` must be a readable Lightning checkpoint of the model this run builds; one line otherwise."""
+    checkpoint = load_checkpoint_file("ckpt_path", ckpt_path)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        raise ConfigError(f"ckpt_path={ckpt_path} is not a Lightning training checkpoint: to start from its weights "
+                          f"use model.init_from={ckpt_path} instead")
+    stored = (checkpoint.get(CHECKPOINT_KEY) or {}).get("model")
+    if not stored or "model" not in cfg:
+        return
+    asked = OmegaConf.to_container(cfg.model, resolve=True)
+    differing = [k for k in sorted(stored.keys() & asked.keys())  # a key the file lacks predates its option
+                 if k not in _SHAPE_FREE_MODEL_KEYS and stored[k] != asked[k]]
+    if differing:
+        trained = ", ".join(f"model.{k}={stored.get(k)}" for k in differing)
+        wanted = ", ".join(str(asked.get(k)) for k in differing)
+        raise ConfigError(f"ckpt_path={ckpt_path}: checkpoint was trained with {trained}, this run asks for {wanted}: "
+                          "resume with the checkpoint's model settings (or use model.init_from to fine-tune)")
+
+
+class KeepStoredRunConfig(Callback):
+    """Hydra callback: a run directory's stored ``.hydra/config.yaml`` is its record and is never overwritten.
+
+    - ``ckpt_path=<run>/checkpoints/<name>.ckpt`` without ``hydra.run.dir`` continues in ``<run>`` (its CSV,
+      curves and ``results.json`` continue), as a requeued job does;
+    - when the run directory already holds a stored config, Hydra does not write its own (``output_subdir``
+      null); :func:`check_same_experiment` then compares the two before anything trains.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        with read_write(config), open_dict(config):
+            hydra_overrides = list(config.hydra.overrides.hydra)
+            ckpt_path = config.get("ckpt_path")
+            if ckpt_path and not any(o.startswith("hydra.run.dir=") for o in hydra_overrides):
+                run_dir = run_dir_of(ckpt_path)
+                if run_dir is not None:
+                    config.hydra.run.dir = str(run_dir)
+            if stored_config_path(config.hydra.run.dir).is_file():
+                config.hydra.output_subdir = None

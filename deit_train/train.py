@@ -25,9 +25,11 @@ from deit_train.data.stream import StepSeeding
 from deit_train.errors import ConfigError, one_line_errors
 from deit_train.loggers import log_run_config
 from deit_train.logit_cache import TeacherLogitCache
+from deit_train.loss_curve import plot_loss_curve
 from deit_train.models.checkpoint import read_state_dict
 from deit_train.modules.disagreement import disagreement_table
-from deit_train.resume import resume_checkpoint
+from deit_train.options import check_options, check_paths
+from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -38,16 +40,21 @@ _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
 
 def train(cfg: DictConfig) -> dict:
     """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
+    check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
+    check_options(cfg)
     if cfg.get("stages"):
         return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
+    check_paths(cfg)
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
         with open_dict(cfg):
             cfg.data.num_classes = datamodule.num_classes
+    if cfg.get("ckpt_path"):
+        check_checkpoint_fits(cfg.ckpt_path, cfg)
     module = instantiate(cfg.module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
@@ -63,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
 
     results: dict = {"run_dir": str(output_dir)}
+    results.update(last_epoch_metrics(trainer.callback_metrics))
     # the last validation epoch's disagreement table (paper Tab. 4) and token diagnostics
     results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/disagree_")})
     for callback in callbacks:
@@ -71,15 +79,40 @@ def train(cfg: DictConfig) -> dict:
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
         trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
         results["best_checkpoint"] = best
+        if best and trainer.checkpoint_callback.best_model_score is not None:  # what chose it, beside last_epoch/
+            results[f"best/{trainer.checkpoint_callback.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
         results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
+        results.update(split_honesty(datamodule))
     results.update(getattr(module, "param_counts", {}))
     results["epochs"] = trainer.current_epoch
     results["wall_time_s"] = round(time.perf_counter() - started, 2)
     if trainer.is_global_zero:
-        if (output_dir / "csv" / "metrics.csv").is_file():  # curves are easier seen than read
-            results["curves"] = str(plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png"))
+        metrics_csv = output_dir / "csv" / "metrics.csv"
+        if metrics_csv.is_file():  # curves are easier seen than read
+            with open(metrics_csv) as handle:
+                scored = "val/top1" in handle.readline().strip().split(",")
+            results["curves"] = str(
+                plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png") if scored
+                else plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))  # no labels scored (SimMIM)
         write_json(output_dir / "results.json", results)
     return results
+
+
+def last_epoch_metrics(metrics: dict) -> dict[str, float]:
+    """The final epoch's validation metrics (``last_epoch/val/top1``, ...), next to the best checkpoint's test."""
+    return {f"last_epoch/{k}": float(v) for k, v in metrics.items() if k.startswith(("val/", "val_ema/"))}
+
+
+def split_honesty(datamodule) -> dict:
+    """Whether ``test/*`` was scored on the validation images that picked the best checkpoint (ImageNet, CIFAR):
+    then it is optimistic, and ``last_epoch/val/*`` is the unselected figure."""
+    splits = getattr(datamodule, "splits", None)
+    same = splits["test"] == splits["val"] if splits else datamodule.test_set is datamodule.val_set
+    note = {"test_split_is_val": same}
+    if same:
+        note["test_note"] = ("test/* scores the checkpoint chosen by val/top1 on the same validation images "
+                             "(optimistic); last_epoch/val/* is the final epoch's, not selected")
+    return note
 
 
 def write_json(path: Path, payload: dict) -> None:

@@ -1,5 +1,6 @@
 """SimMIM: masking, the masked-pixel loss, the mask token, fine-tuning from the encoder, layer-wise lr decay."""
 import json
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -11,6 +12,7 @@ from conftest import run_cli
 from deit_train.data.digits import DigitsDataModule
 from deit_train.data.simmim import SimMIMTrainTransform
 from deit_train.errors import ConfigError
+from deit_train.loss_curve import loss_per_epoch, plot_loss_curve
 from deit_train.models import create_deit, create_timm_classifier, forward_heads
 from deit_train.models.simmim import MaskGenerator, SimMIM, masked_l1_loss, pixel_mask
 from deit_train.modules.optim import OptimRecipe
@@ -42,6 +44,17 @@ def test_mask_generator_masks_exactly_ceil_ratio_squares(image_size, patch, mask
     blocks = masks.view(5, grid // scale, scale, grid // scale, scale).float()
     assert torch.equal(blocks.amax(dim=(2, 4)), blocks.amin(dim=(2, 4)))
     assert blocks.amax(dim=(2, 4)).sum(dim=(1, 2)).tolist() == [masked_squares] * 5
+
+
+@pytest.mark.parametrize("image_size,patch,mask_patch,hint", [
+    (32, 4, 32, "module.mask_patch_size=8 (16 squares)"),  # simmim_pretrain's 32 px squares on 32 px digits
+    (32, 16, 32, "a smaller model.patch_size than 16"),
+])
+def test_a_mask_grid_of_one_square_is_refused(image_size, patch, mask_patch, hint):
+    with pytest.raises(ConfigError, match=rf"^module.mask_patch_size={mask_patch} cuts {image_size} px images into 1 "
+                                          rf"mask square\(s\), so every image would be masked whole.*{re.escape(hint)}"):
+        MaskGenerator(image_size, patch, mask_patch, 0.6)
+    assert MaskGenerator(32, 4, 16, 0.6)(2).float().mean() == 0.75  # 2x2 grid: ceil(0.6 x 4) = 3 of 4 squares
 
 
 def test_mask_generator_is_random_per_image_and_seedable():
@@ -166,12 +179,13 @@ def test_wrong_mask_shape_is_refused():
         SimMIM(tiny_encoder())(torch.randn(2, 3, 16, 16), torch.zeros(2, 15, dtype=torch.bool))
 
 
-def test_mask_token_and_tokens_get_no_weight_decay():
+def test_tokens_get_no_weight_decay_and_the_mask_token_does_as_official():
     model = SimMIM(tiny_encoder(distilled=True))
     optimizer, _ = OptimRecipe(weight_decay=0.05).build(model, 512, 100, 10)
     decay = {id(p) for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {name for name, p in model.named_parameters() if id(p) in decay}
-    assert "mask_token" not in names and "encoder.pos_embed" not in names and "encoder.cls_token" not in names
+    # official VisionTransformerForSimMIM lists only pos_embed/cls_token: its (1, 1, dim) mask token is decayed
+    assert "mask_token" in names and "encoder.pos_embed" not in names and "encoder.cls_token" not in names
     assert "encoder.dist_token" not in names and not any(n.endswith(".bias") or "norm" in n for n in names)
     assert "encoder.blocks.0.attn.qkv.weight" in names and "decoder.0.weight" in names
 
@@ -214,6 +228,18 @@ def test_init_from_simmim_loads_every_encoder_weight(tmp_path):
         assert torch.equal(target[key], tensor), key
 
 
+def test_init_from_simmim_with_layer_scale_into_a_mean_pooled_student(tmp_path, caplog):
+    """SimMIM's fine-tuning: layer scale as pretrained, mean pooling with a new norm after it (fc_norm)."""
+    path, simmim = _simmim_checkpoint(tmp_path, init_values=0.1)
+    with caplog.at_level("INFO", logger="deit_train.models.checkpoint"):
+        student = create_deit(**TINY, num_classes=10, init_values=0.1, global_pool="avg", init_from=str(path))
+    source, target = simmim.encoder.state_dict(), student.state_dict()
+    assert set(target) - set(source) == {"head.weight", "head.bias", "fc_norm.weight", "fc_norm.bias"}
+    assert torch.equal(target["blocks.2.ls2.gamma"], source["blocks.2.ls2.gamma"])  # layer scale came from the file
+    assert torch.equal(target["fc_norm.weight"], torch.ones(24))  # new, as the official fine-tuning leaves it
+    assert "new: fc_norm.weight, fc_norm.bias, head.weight, head.bias; left behind: norm.weight, norm.bias" in caplog.text
+
+
 def test_init_from_simmim_into_a_distilled_student(tmp_path):
     path, simmim = _simmim_checkpoint(tmp_path)
     student = create_deit(**TINY, num_classes=10, distilled=True, init_from=str(path))
@@ -254,22 +280,31 @@ def test_layer_decay_gives_each_block_its_lr(distilled):
     optimizer, scheduler = recipe.build(student, global_batch=1024, total_steps=100, steps_per_epoch=10)
     scheduler.step_update(num_updates=10)  # warmup over: the cosine starts at the peak lr
     peak = base_lr * 1024 / 512
-    # timm's layer ids: embeddings 0, block k -> k + 1, the final norm with the last block, the heads depth + 1
-    # (lr x 1). (BEiT/SimMIM put the final norm with the head; timm keeps it with the last block.)
+    # SimMIM's get_vit_layer: embeddings 0, block k -> k + 1, everything else depth + 1 (lr x 1): the final norm,
+    # the heads and a distillation token (new when fine-tuning a SimMIM encoder; timm would put it at decay^4)
     expected = {"patch_embed.proj.weight": decay ** (depth + 1), "pos_embed": decay ** (depth + 1),
-                "cls_token": decay ** (depth + 1), "norm.weight": decay, "norm.bias": decay, "head.weight": 1.0,
+                "cls_token": decay ** (depth + 1), "norm.weight": 1.0, "norm.bias": 1.0, "head.weight": 1.0,
                 "head.bias": 1.0}
     expected.update({f"blocks.{k}.mlp.fc1.weight": decay ** (depth - k) for k in range(depth)})
     expected.update({f"blocks.{k}.norm1.bias": decay ** (depth - k) for k in range(depth)})
     if distilled:
-        expected.update({"dist_token": decay ** (depth + 1), "head_dist.weight": 1.0})
+        expected.update({"dist_token": 1.0, "head_dist.weight": 1.0, "head_dist.bias": 1.0})
     lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    decay_of = {id(p): g["weight_decay"] for g in optimizer.param_groups for p in g["params"]}
     params = dict(student.named_parameters())
     for name, scale in expected.items():
         assert lr_of[id(params[name])] == pytest.approx(peak * scale, rel=1e-9), name
     assert len(lr_of) == len(params)  # every parameter is optimised
     assert sorted({round(g["lr"] / peak, 9) for g in optimizer.param_groups}) == \
         sorted({round(decay ** (depth + 1 - i), 9) for i in range(depth + 2)})
+    # weight decay as without layer decay: not on 1-d parameters, tokens and position embedding
+    assert decay_of[id(params["blocks.0.attn.qkv.weight"])] == 0.05 and decay_of[id(params["head.weight"])] == 0.05
+    assert decay_of[id(params["cls_token"])] == decay_of[id(params["pos_embed"])] == decay_of[id(params["norm.bias"])] == 0
+
+
+def test_layer_decay_needs_a_vit():
+    with pytest.raises(ConfigError, match="optim.layer_decay=0.65 needs a ViT"):
+        OptimRecipe(layer_decay=0.65).build(torch.nn.Linear(2, 2), 512, 10, 1)
 
 
 # ---- data ---------------------------------------------------------------------------------------------
@@ -312,8 +347,20 @@ def test_simmim_quickstart_stages_write_images_checkpoints_and_both_scores(tmp_p
     log = (run / "train.log").read_text()
     assert f"initialised student from {run / 'pretrain' / 'checkpoints' / 'last.ckpt'}" in log
     assert log.count("initialised student from") == 1
+    assert "(new: head.weight, head.bias)" in log  # the classifier starts new (the log said "new: none")
+    # no labels to score: the pretraining curve is the reconstruction loss, not an empty val_top1.png
+    assert results["stages"]["pretrain"]["curves"] == str(run / "pretrain" / "val_loss.png")
+    assert not (run / "pretrain" / "val_top1.png").exists()
+    assert (run / "pretrain" / "val_loss.png").read_bytes()[:4] == b"\x89PNG"
     # the reconstruction grid of step 0: rows original / masked / reconstruction, 8 images of 32 px
     png = run / "pretrain" / "simmim_images" / "step0000000.png"
     with Image.open(png) as grid:
         assert grid.size == (8 * 33 + 1, 3 * 33 + 1)
     assert "finetune" in proc.stdout and "scratch" in proc.stdout
+
+
+def test_loss_curve_keeps_the_last_record_of_each_epoch(tmp_path):
+    csv_file = tmp_path / "metrics.csv"
+    csv_file.write_text("epoch,step,train/loss_epoch,val/loss\n0,3,,0.9\n0,3,0.95,\n1,7,,0.7\n1,7,,0.6\n1,7,0.8,\n")
+    assert loss_per_epoch(csv_file) == {"train/loss_epoch": {0: 0.95, 1: 0.8}, "val/loss": {0: 0.9, 1: 0.6}}
+    assert plot_loss_curve(csv_file, tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"

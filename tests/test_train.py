@@ -82,7 +82,7 @@ def test_quickstart_trains_its_teacher_on_first_use_then_reuses_it(tmp_path):
 @pytest.mark.parametrize("args,message", [
     (["experiment=deit_small_distill"], "error: data.root is not set: pass data.root="),
     (["experiment=quickstart", "model.image_size=30"], "error: model.image_size=30 is not divisible by model.patch_size=4"),
-    (["experiment=quickstart", "teacher_recipe=null", "teacher.checkpoint=/nonexistent/t.pth"], "error: checkpoint file /nonexistent/t.pth does not exist"),
+    (["experiment=quickstart", "teacher_recipe=null", "teacher.checkpoint=/nonexistent/t.pth"], "error: teacher.checkpoint=/nonexistent/t.pth does not exist"),
 ])
 def test_bad_input_is_one_clear_line(tmp_path, digits_teacher_file, args, message):
     if not any(a.startswith("teacher.checkpoint=") for a in args):  # no teacher bootstrap before the error

@@ -16,8 +16,9 @@ log = logging.getLogger(__name__)
 
 # Prefixes wrappers put in front of the network's own keys: our LightningModules, DDP, torch.compile.
 _WRAPPER_PREFIXES = ("student.", "module.", "_orig_mod.")
-# Keys a student may start without: a new classifier and, for a CLS-only source, the distillation token.
-_NEWLY_INITIALISED = ("head.", "head_dist.", "dist_token")
+# Keys a student may start without: a new classifier, for a CLS-only source the distillation token, and for a
+# mean-pooled student (global_pool=avg) the norm after pooling.
+_NEWLY_INITIALISED = ("head.", "head_dist.", "dist_token", "fc_norm.")
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -95,6 +96,8 @@ def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple
         state["pos_embed"] = _fit_pos_embed(state["pos_embed"], model, source_prefix)
     dropped = [k for k in list(state) if k.startswith(("head.", "head_dist.")) and k in target
                and state[k].shape != target[k].shape]
+    if "fc_norm.weight" in target and "norm.weight" not in target:  # mean pooling: the final norm moves after
+        dropped += [k for k in state if k.startswith("norm.")]  # pooling and starts new, as SimMIM fine-tunes
     for key in dropped:
         del state[key]
     mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
@@ -103,6 +106,7 @@ def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple
         raise ConfigError(f"model.init_from={path} has other shapes than the model: {mismatched[:4]}"
                           f"{'...' if len(mismatched) > 4 else ''}; check model.hidden_size/patch_size/mlp_ratio")
     missing, unexpected = model.load_state_dict(state, strict=False)
+    new = [k for k in missing if k.startswith(_NEWLY_INITIALISED)]
     missing = [k for k in missing if not k.startswith(_NEWLY_INITIALISED)]
     unexpected = [k for k in unexpected if not k.startswith(_NEWLY_INITIALISED + strict_extra)]
     if missing or unexpected:
@@ -110,4 +114,5 @@ def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple
             f"model.init_from={path} does not fit the model: missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
             f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}; check model size and distilled flag"
         )
-    log.info("initialised student from %s (new: %s)", path, dropped or "none")
+    log.info("initialised student from %s (new: %s%s)", path, ", ".join(new) or "none",
+             f"; left behind: {', '.join(dropped)}" if dropped else "")

@@ -28,6 +28,8 @@ def create_deit(
     qkv_bias: bool = True,
     drop_path_rate: float = 0.0,
     layer_norm_eps: float = 1e-6,
+    init_values: float | None = None,
+    global_pool: str = "token",
     num_channels: int = 3,
     num_classes: int = 1000,
     distilled: bool = False,
@@ -40,6 +42,10 @@ def create_deit(
         distilled: add the distillation token and head (``VisionTransformerDistilled``).
         pretrained: a timm model name with hub weights (e.g. ``deit_small_distilled_patch16_224.fb_in1k``);
             needs network access and dimensions matching the config.
+        init_values: layer scale (per-channel scale on each residual branch, initialised to this value);
+            None = off (DeiT), 0.1 = SimMIM's ViT.
+        global_pool: ``token`` (the class token, DeiT) or ``avg`` (mean of the patch tokens, SimMIM's
+            fine-tuning); a distilled student always reads its class and distillation tokens.
         init_from: a local checkpoint (ours, timm's, the official DeiT ``model`` file) to start from; see
             :func:`deit_train.models.checkpoint.load_student_weights`.
     """
@@ -57,6 +63,9 @@ def create_deit(
             f"model.pretrained={pretrained} does not match model.distilled={distilled}: "
             "use a *_distilled_* name with a distillation token, a plain one without"
         )
+    if distilled and global_pool != "token":
+        raise ConfigError(f"model.global_pool={global_pool} does not apply to a distilled student (it reads its class "
+                          "and distillation tokens): set model.global_pool=token")
     model = timm.create_model(
         pretrained or _ARCH[distilled],
         pretrained=bool(pretrained),
@@ -68,6 +77,8 @@ def create_deit(
         mlp_ratio=mlp_ratio,
         qkv_bias=qkv_bias,
         drop_path_rate=drop_path_rate,
+        init_values=init_values,
+        global_pool=global_pool,
         norm_layer=partial(nn.LayerNorm, eps=layer_norm_eps),
         in_chans=num_channels,
         num_classes=num_classes,

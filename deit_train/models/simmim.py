@@ -45,6 +45,13 @@ class MaskGenerator:
                               f"{mask_patch_size}: pick a mask patch size that divides the image size")
         if not 0.0 < mask_ratio < 1.0:
             raise ConfigError(f"module.mask_ratio={mask_ratio} must lie strictly between 0 and 1 (SimMIM: 0.6)")
+        if image_size // mask_patch_size < 2:  # one square: ceil(ratio x 1) masks the whole image
+            fits = [m for m in range(model_patch_size, image_size // 4 + 1, model_patch_size) if image_size % m == 0]
+            hint = (f"e.g. module.mask_patch_size={fits[-1]} ({(image_size // fits[-1]) ** 2} squares)" if fits else
+                    f"or a smaller model.patch_size than {model_patch_size}")
+            raise ConfigError(f"module.mask_patch_size={mask_patch_size} cuts {image_size} px images into "
+                              f"{(image_size // mask_patch_size) ** 2} mask square(s), so every image would be "
+                              f"masked whole: pick at least a 2x2 grid, {hint}")
         self.grid = image_size // mask_patch_size
         self.scale = mask_patch_size // model_patch_size
         self.count = self.grid ** 2
@@ -114,9 +121,10 @@ class SimMIM(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        """The encoder's own (position embedding, cls/dist tokens) and the mask token; timm's optimizer
-        factory also skips every 1-d parameter (norms, biases)."""
-        return {ENCODER_PREFIX + k for k in self.encoder.no_weight_decay()} | {"mask_token"}
+        """The encoder's own (position embedding, cls/dist tokens); timm's optimizer factory also skips every
+        1-d parameter (norms, biases). The mask token (1, 1, dim) is weight-decayed, as in the official SimMIM
+        (its ViT encoder does not list it)."""
+        return {ENCODER_PREFIX + k for k in self.encoder.no_weight_decay()}
 
     def embed(self, pixel_values: Tensor, bool_masked_pos: Tensor | None = None) -> Tensor:
         """Patch embeddings, masked ones replaced by ``mask_token``, then cls/dist tokens and position

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
@@ -18,6 +19,7 @@ from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
 from deit_train.models.deit import forward_heads, is_distilled
 from deit_train.models.teacher import FrozenTeacher
+from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
 
@@ -57,6 +59,7 @@ class ClassificationModule(RecipeTrainedModule):
             self.ema_metrics = EvalMetrics("val_ema", num_classes, is_distilled(student), False)
         self._batch_started = 0.0
         self.teacher_cache = None  # a TeacherLogitCache (teacher.cache_dir) stands in for the teacher in training
+        self._ema_step = 0
 
     @staticmethod
     def _check(student: nn.Module, criterion: DistillationLoss, teacher: FrozenTeacher | None) -> None:
@@ -88,11 +91,14 @@ class ClassificationModule(RecipeTrainedModule):
         teacher_logits = teacher(images) if self.teacher is not None else None
         cls, dist = forward_heads(self.student, images)
         loss = self.criterion(cls, target, dist, teacher_logits)
+        check_finite(self, loss, lambda: {"class head logits": cls, "distillation head logits": dist,
+                                              "teacher logits": teacher_logits})
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is not None:
+        if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step (accumulation)
+            self._ema_step = self.global_step
             self.ema.update(self.student, step=self.global_step)
         seconds = time.perf_counter() - self._batch_started
         images = len(batch[0]) * self.trainer.world_size
@@ -110,6 +116,10 @@ class ClassificationModule(RecipeTrainedModule):
         if with_loss:  # _check guarantees the teacher logits and dist head exactly when the criterion distils
             loss = self.criterion(cls, target, dist, teacher_logits)
             self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
+            # the official evaluate(): plain cross-entropy of the prediction (heads averaged), beside the criterion
+            prediction = cls if dist is None else (cls + dist) / 2
+            self.log(f"{metrics.stage}/ce", F.cross_entropy(prediction, target), on_epoch=True,
+                     batch_size=len(images), sync_dist=True)
         for name, metric in metrics.loggable().items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")
 

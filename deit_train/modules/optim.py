@@ -1,17 +1,67 @@
 """The DeiT optimisation recipe: AdamW with the linear lr scaling rule and a per-step cosine schedule.
 
 Everything is timm's: ``create_optimizer_v2`` (no weight decay on norms, biases, position embedding and
-the cls/dist tokens -- the model's ``no_weight_decay()`` -- plus optional layer-wise lr decay) and
-``CosineLRScheduler`` stepped every optimizer update.
+the cls/dist tokens -- the model's ``no_weight_decay()``), ``CosineLRScheduler`` stepped every optimizer
+update, and the ``lr_scale`` its schedulers apply per parameter group (layer-wise lr decay, grouped as SimMIM's
+``get_vit_layer`` does: :func:`vit_layer_id`).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import lightning as L
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
+
+from deit_train.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def vit_layer_id(name: str, depth: int) -> int:
+    """SimMIM's ``get_vit_layer``: embeddings 0, block k -> k + 1, everything else (final norm, heads, tokens
+    the embeddings do not own such as a new distillation token) ``depth + 1``, i.e. lr x 1."""
+    if name in ("cls_token", "mask_token", "pos_embed") or name.startswith("patch_embed"):
+        return 0
+    if name.startswith("blocks."):
+        return int(name.split(".")[1]) + 1
+    return depth + 1
+
+
+def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
+    """Parameter groups with ``lr_scale = layer_decay ** (depth + 1 - layer id)`` and the model's weight-decay
+    exemptions (1-d parameters and ``no_weight_decay()``), as timm's ``param_groups_layer_decay`` builds them."""
+    depth = len(model.blocks)
+    skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        layer = vit_layer_id(name, depth)
+        decayed = param.ndim > 1 and name not in skip
+        group = groups.setdefault((layer, decayed), {
+            "params": [], "weight_decay": weight_decay if decayed else 0.0,
+            "lr_scale": layer_decay ** (depth + 1 - layer)})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+class RecipeCosineScheduler(CosineLRScheduler):
+    """timm's cosine schedule, rebuilt from the run's config on resume instead of restored from the checkpoint.
+
+    The schedule is a function of the step and of the config (lr, warmup, length): a resumed run with a larger
+    ``trainer.max_epochs`` continues on the longer cosine from the restored step, as timm's train script does,
+    instead of the old one's ``min_lr`` tail.
+    """
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        old_steps = state_dict.get("t_initial", self.t_initial) + state_dict.get("warmup_t", self.warmup_t)
+        new_steps = self.t_initial + self.warmup_t
+        if old_steps != new_steps:
+            log.info("lr schedule extended: the checkpoint's schedule had %d optimizer steps, this run's has %d; "
+                     "the cosine continues on the new length from the restored step", old_steps, new_steps)
 
 
 @dataclass
@@ -32,22 +82,47 @@ class OptimRecipe:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    # SimMIM's main_simmim.py / main_finetune.py scale warmup_lr and min_lr by global batch / 512 like the lr;
+    # DeiT's main.py scales only the lr
+    scale_warmup_and_min_lr: bool = False
 
     def lr(self, global_batch: int) -> float:
         return self.base_lr * global_batch / self.reference_batch
 
+    def bounds(self, global_batch: int) -> tuple[float, float]:
+        """(warmup start lr, final lr) for ``global_batch``."""
+        scale = global_batch / self.reference_batch if self.scale_warmup_and_min_lr else 1.0
+        return self.warmup_lr * scale, self.min_lr * scale
+
+    def check(self, global_batch: int) -> None:
+        peak = self.lr(global_batch)
+        for option, value in zip(("warmup_lr", "min_lr"), self.bounds(global_batch)):
+            if value > peak:
+                raise ConfigError(
+                    f"optim.{option}={value:.3g} is above the peak lr {peak:.3g} (optim.base_lr={self.base_lr:g} x "
+                    f"global batch {global_batch} / optim.reference_batch={self.reference_batch}), so the schedule "
+                    f"would rise: lower optim.{option} or raise optim.base_lr or the batch size")
+
     def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int):
+        self.check(global_batch)
+        params = model
+        if self.layer_decay is not None:
+            if not hasattr(model, "blocks"):
+                raise ConfigError(f"optim.layer_decay={self.layer_decay} needs a ViT/DeiT (blocks.<k>), got "
+                                  f"{type(model).__name__}: set optim.layer_decay=null")
+            params = layer_decay_param_groups(model, self.weight_decay, self.layer_decay)
         optimizer = create_optimizer_v2(
-            model, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps, layer_decay=self.layer_decay,
+            params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
+            betas=tuple(self.betas), eps=self.eps,
         )
+        warmup_lr, min_lr = self.bounds(global_batch)
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
-        scheduler = CosineLRScheduler(
+        scheduler = RecipeCosineScheduler(
             optimizer,
             t_initial=max(total_steps - warmup_steps, 1),
-            lr_min=self.min_lr,
+            lr_min=min_lr,
             warmup_t=warmup_steps,
-            warmup_lr_init=self.warmup_lr,
+            warmup_lr_init=warmup_lr,
             warmup_prefix=True,
             t_in_epochs=False,
         )
@@ -80,6 +155,11 @@ class RecipeTrainedModule(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)
+
+    def on_train_start(self) -> None:
+        # a resumed run's optimizer carries the checkpoint's last lr; its first step takes this run's schedule
+        for config in self.trainer.lr_scheduler_configs:
+            config.scheduler.step_update(num_updates=self.global_step)
 
     def parameter_counts(self) -> dict[str, int]:
         model = getattr(self, self.optimized_attr)

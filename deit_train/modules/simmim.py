@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torchvision.utils import make_grid, save_image
 
 from deit_train.models.simmim import MaskGenerator, SimMIM, pixel_mask
+from deit_train.modules.finite import check_finite
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
 
 
@@ -60,6 +61,7 @@ class SimMIMModule(RecipeTrainedModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         mask = self.mask_generator(len(images), device=images.device)
         loss, reconstruction = self.model(images, mask)
+        check_finite(self, loss, lambda: {"reconstruction": reconstruction})
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  rank_zero_only=True)
