@@ -217,7 +217,8 @@ def find_runs(paths: Iterable[Path], source: str = "auto") -> list[Run]:
     base = _common_parent([d for d, _ in found])
     runs = []
     for run_dir, offline in found:
-        name = str(run_dir.relative_to(base)) if base and run_dir != base else run_dir.name
+        # base is resolved (a common parent of relative and absolute paths); so must the run dir be
+        name = str(run_dir.resolve().relative_to(base)) if base and run_dir.resolve() != base else run_dir.name
         runs.append(load_wandb_offline(offline, name) if offline else load_local_run(run_dir, name))
     return runs
 
@@ -347,20 +348,24 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
     return out
 
 
+DEFAULT_RUN_FOLDERS = (Path("outputs"), Path("multirun"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare_runs.py", description=__doc__.split("\n\n")[0],
         epilog="examples: compare_runs.py outputs/quickstart | compare_runs.py outputs/a outputs/b --out cmp.png | "
                "compare_runs.py --wandb my-team/deit_train --group quickstart")
-    parser.add_argument("runs", nargs="*", type=Path, help="run dirs, sweep dirs or output folders (searched)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run dirs, sweep dirs or output folders (searched; "
+                        "default: ./outputs and ./multirun)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API instead")
     parser.add_argument("--group", help="with --wandb: only this group (= experiment)")
     parser.add_argument("--source", choices=("auto", "csv", "wandb"), default="auto",
                         help="local runs: CSV logs, offline W&B files, or auto (CSV when present)")
     parser.add_argument("--out", type=Path, default=Path("compare_runs.png"), help="PNG of the val top-1 curves")
     args = parser.parse_args(argv)
-    if not args.runs and not args.wandb:
-        parser.error("give run directories or --wandb ENTITY/PROJECT")
+    if not args.runs and not args.wandb:  # where Hydra puts runs and sweeps when run from here
+        args.runs = [p for p in DEFAULT_RUN_FOLDERS if p.is_dir()] or list(DEFAULT_RUN_FOLDERS)
     runs = load_wandb_online(args.wandb, args.group) if args.wandb else []
     runs += find_runs(args.runs, args.source)
     if not runs:
