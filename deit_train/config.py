@@ -7,7 +7,10 @@ from omegaconf import OmegaConf
 
 from deit_train.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Installed from a wheel the configs are package data (deit_train/configs); in the repository (and editable
+# installs) they are its top-level configs/.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
 def register_resolvers() -> None:
