@@ -13,6 +13,18 @@ _PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
 
 
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def require_experiment(choice: str | None, overrides: list[str]) -> None:
+    """A bare ``python -m deit_train`` stops with one line listing the experiments (the root config alone would
+    train DeiT-Ti at 224 px on upscaled digits for 300 epochs); any override means the user chose."""
+    if choice is None and not overrides:
+        raise ConfigError(f"no experiment chosen: pass experiment=<name> ({', '.join(experiment_names())}), "
+                          "e.g. `python -m deit_train experiment=quickstart` (CPU, minutes)")
+
+
 def register_resolvers() -> None:
     # ${ne:${distill.distill_type},none}: a student gets a distillation token exactly when it distils.
     if not OmegaConf.has_resolver("ne"):

@@ -21,7 +21,9 @@ from omegaconf import DictConfig, open_dict
 
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
-from deit_train.config import CONFIG_DIR
+from deit_train.config import CONFIG_DIR, require_experiment
+from deit_train.console import quiet_console
+from deit_train.environment import check_accelerator, threads_from_slurm
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
 from deit_train.models.checkpoint import read_state_dict
@@ -40,6 +42,7 @@ def train(cfg: DictConfig) -> dict:
         return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
+    check_accelerator(cfg.trainer.accelerator)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -156,6 +159,9 @@ def print_summary(results: dict) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     try:
+        require_experiment(HydraConfig.get().runtime.choices.get("experiment"), list(HydraConfig.get().overrides.task))
+        quiet_console()
+        threads_from_slurm()
         results = train(cfg)
     except Exception as exc:  # user errors become one line; anything else keeps its traceback
         error = find_config_error(exc)

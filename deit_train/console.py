@@ -1,0 +1,83 @@
+"""A console that shows what the user can act on.
+
+:func:`quiet_console` silences, once per process (every DDP rank runs it; Lightning's warnings come from rank 0
+only), the library messages below: each is either about a choice this framework makes on purpose or about the
+libraries' own internals. Every other warning still shows. :class:`ModelSummary` is Lightning's model summary
+without the FLOPs it did not count.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+
+from lightning.pytorch.callbacks import ModelSummary as LightningModelSummary
+from lightning.pytorch.callbacks.model_summary import log as summary_log
+from lightning.pytorch.utilities.model_summary.model_summary import _format_summary_table
+
+# warnings.warn messages (regular expressions matched at the start of the message)
+SILENCED_WARNINGS = (
+    # the teacher is frozen in eval mode on purpose (its BatchNorm statistics never move)
+    r"Found \d+ module\(s\) in eval mode at the start of training",
+    # Slurm's tools are installed but this process runs outside a job (a login node, a workstation)
+    r"The `srun` command is available on your system but is not used",
+    # Lightning's own use of a torch pytree API that torch deprecated
+    r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+    # data.pin_memory=true on a machine without GPU: nothing is pinned and nothing goes wrong
+    r"'pin_memory' argument is set as true but no accelerator is found",
+    # epochs shorter than trainer.log_every_n_steps (small data sets): the epoch-level curves are logged anyway
+    r"The number of training batches \(\d+\) is smaller than the logging interval",
+    # epoch-level train metrics are each rank's own mean on purpose; val/test metrics sync through torchmetrics
+    r"It is recommended to use `self.log\('train/",
+)
+# logging records: (logger name, message pattern)
+SILENCED_LOG_RECORDS = (
+    # an advertisement for Lightning's cloud logger
+    ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),
+    # timm, when the whole schedule is one step: the lr is then constant, which is what such a run asks for
+    ("timm.scheduler.cosine_lr", r"Cosine annealing scheduler will have no effect"),
+)
+
+
+class _DropMatching(logging.Filter):
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
+
+
+_quieted = False
+
+
+def quiet_console() -> None:
+    """Install the filters above (once per process)."""
+    global _quieted
+    if _quieted:
+        return
+    for pattern in SILENCED_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    for name, pattern in SILENCED_LOG_RECORDS:
+        logging.getLogger(name).addFilter(_DropMatching(pattern))
+    _quieted = True
+
+
+class ModelSummary(LightningModelSummary):
+    """Lightning's model summary, without the FLOPs column and total when nothing was counted.
+
+    Lightning counts FLOPs only for a module with an ``example_input_array``; ours have none (a forward pass
+    at fit start would cost a compile under ``torch.compile``), and a column of zeros reads as a measurement.
+    """
+
+    @staticmethod
+    def summarize(summary_data, total_parameters, trainable_parameters, model_size, total_training_modes,
+                  total_flops, **summarize_kwargs) -> None:
+        if total_flops:
+            LightningModelSummary.summarize(summary_data, total_parameters, trainable_parameters, model_size,
+                                            total_training_modes, total_flops, **summarize_kwargs)
+            return
+        columns = [column for column in summary_data if column[0] != "FLOPs"]
+        table = _format_summary_table(total_parameters, trainable_parameters, model_size, total_training_modes,
+                                      total_flops, *columns)
+        summary_log.info("\n" + table.rsplit("\n", 1)[0])  # the last line is "0  Total Flops"
