@@ -49,7 +49,8 @@ class _DropMatching(logging.Filter):
 
 
 class _OnceExplained(logging.Filter):
-    """The first matching record becomes ``explanation``; the later ones are dropped."""
+    """Drops matching records; the first one is replaced by one ``explanation`` line (on the deit_train logger,
+    so that it prints once, not once per handler of the noisy logger)."""
 
     def __init__(self, pattern: str, explanation: str) -> None:
         super().__init__()
@@ -58,10 +59,10 @@ class _OnceExplained(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if not self.pattern.match(record.getMessage()):
             return True
-        if self.explained:
-            return False
-        record.msg, record.args, self.explained = self.explanation, (), True
-        return True
+        if not self.explained:
+            self.explained = True
+            logging.getLogger("deit_train").info(self.explanation)
+        return False
 
 
 # submitit polls `sacct` with growing intervals while a sweep runs; on a cluster without accounting each poll
