@@ -11,6 +11,7 @@ import torch
 
 from conftest import FAST_DIGITS, compose_config
 from deit_train.config import experiment_names
+from deit_train.environment import threads_from_slurm
 from deit_train.errors import ConfigError
 from deit_train.train import main, train
 
@@ -72,3 +73,17 @@ def test_wandb_logger_keeps_the_csv_log(tmp_path):
     assert list(loggers) == ["csv", "wandb"]
     assert loggers.csv._target_ == "deit_train.loggers.ResumableCSVLogger"
     assert list(compose_config(["logger=wandb", "~logger.csv"], tmp_path).logger) == ["wandb"]
+
+
+def test_threads_follow_slurm_cpus_per_task(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        environ = {}
+        assert threads_from_slurm(environ) is None and environ == {}  # outside Slurm: untouched
+        environ = {"SLURM_CPUS_PER_TASK": "1"}
+        assert threads_from_slurm(environ) == 1
+        assert torch.get_num_threads() == 1 and environ["OMP_NUM_THREADS"] == "1"
+        environ = {"SLURM_CPUS_PER_TASK": "4", "OMP_NUM_THREADS": "2"}  # an explicit OMP_NUM_THREADS wins
+        assert threads_from_slurm(environ) == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
