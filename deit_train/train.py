@@ -34,6 +34,8 @@ log = logging.getLogger("deit_train")
 
 # Overrides about *how* to run (not *what* to train) that a bootstrapped teacher stage inherits.
 _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
+# ... except Lightning's debugging switches, which must not make the cached quickstart teacher (debug= is not inherited)
+_DEBUG_OVERRIDE_PREFIXES = ("trainer.fast_dev_run", "trainer.overfit_batches")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -97,6 +99,11 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"teacher.checkpoint={target} cannot be created ({exc.strerror}): point it at a "
                           "writable path or set DEIT_TRAIN_CACHE") from exc
+    debugging = [o for o in HydraConfig.get().overrides.task if o.startswith(_DEBUG_OVERRIDE_PREFIXES)
+                 and o.split("=", 1)[-1].lower() not in ("false", "0", "0.0", "null")]
+    if debugging:  # compose_stage passes trainer.* overrides on: the cached teacher would be a debugging run
+        raise ConfigError(f"{debugging[0]} would also train the teacher that teacher.checkpoint={target} caches: "
+                          "use debug=fdr|overfit instead (the teacher is then trained in full, once)")
     log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
     results = train(compose_stage(cfg, [f"experiment={recipe}"], Path(cfg.paths.output_dir) / "teacher"))
     atomic_torch_save(read_state_dict(results["best_checkpoint"]), target)

@@ -35,6 +35,14 @@ def test_bare_run_stops_with_one_line_listing_the_experiments(tmp_path, monkeypa
     assert not (tmp_path / "outputs" / "train").exists() or not any((tmp_path / "outputs" / "train").rglob("*.ckpt"))
 
 
+def test_fast_dev_run_never_trains_the_cached_teacher(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEIT_TRAIN_CACHE", str(tmp_path / "cache"))  # no teacher cached yet
+    status = run_in_process(["experiment=quickstart", "trainer.fast_dev_run=true"], tmp_path, monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and err.startswith("error: trainer.fast_dev_run=true would also train the teacher")
+    assert not list((tmp_path / "cache").rglob("*.pth"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_gpu_trainer_without_gpu_is_one_line(tmp_path):
     cfg = compose_config(["experiment=quickstart", "trainer=gpu"], tmp_path)
@@ -57,7 +65,8 @@ def test_lightning_debug_flags_without_plus_and_debug_configs(tmp_path):
 def test_debug_limit_runs_three_short_epochs(tmp_path, digits_teacher_file):
     overrides = [o for o in FAST_DIGITS if not o.startswith("trainer.limit_")]
     cfg = compose_config(["experiment=quickstart", "debug=limit", f"teacher.checkpoint={digits_teacher_file}",
-                          *overrides, "trainer.enable_progress_bar=false"], tmp_path)
+                          *overrides, "trainer.enable_progress_bar=false",
+                          "trainer.detect_anomaly=false"], tmp_path)  # anomaly checks triple the time
     results = train(cfg)
     assert results["epochs"] == 3 and "test/top1" in results
     with open(tmp_path / "csv" / "metrics.csv", newline="") as handle:
