@@ -260,3 +260,14 @@ def test_hf_key_mapping_round_trip_in_both_transformers_layouts():
         assert torch.equal(hf_state[layer_key], state["blocks.0.attn.qkv.weight"][:32])
         back = hf_to_timm(hf_state)
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("experiment", ["simmim_pretrain", "simmim_quickstart_pretrain"])
+def test_simmim_pretraining_exports_as_vit_as_the_readme_says(experiment, tmp_path):
+    """Pretraining encoders have no distillation token, so export picks ViTForMaskedImageModeling (transformers'
+    DeiT would add one); the README names that class (issue 13 found it naming DeiTForMaskedImageModeling)."""
+    from conftest import ROOT, compose_config
+
+    assert compose_config([f"experiment={experiment}"], tmp_path).model.distilled is False
+    readme = (ROOT / "README.md").read_text()
+    assert "`ViTForMaskedImageModeling`" in readme and "DeiTForMaskedImageModeling" not in readme
