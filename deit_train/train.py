@@ -44,7 +44,6 @@ def train(cfg: DictConfig) -> dict:
         return run_stages(cfg)
     started = time.perf_counter()
     output_dir = Path(cfg.paths.output_dir)
-    check_accelerator(cfg.trainer.accelerator)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
@@ -58,6 +57,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
+    check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))

@@ -44,8 +44,9 @@ def test_fast_dev_run_never_trains_the_cached_teacher(tmp_path, monkeypatch, cap
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
-def test_gpu_trainer_without_gpu_is_one_line(tmp_path):
-    cfg = compose_config(["experiment=quickstart", "trainer=gpu"], tmp_path)
+def test_gpu_trainer_without_gpu_is_one_line(tmp_path, digits_teacher_file):
+    cfg = compose_config(["experiment=quickstart", "trainer=gpu", f"teacher.checkpoint={digits_teacher_file}"],
+                         tmp_path)
     with pytest.raises(ConfigError, match=r"^trainer.accelerator=gpu but no GPU is visible .*with trainer=cpu$"):
         train(cfg)
     assert not (tmp_path / "checkpoints").exists()
