@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import pytest
 import torch
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.scheduler import CosineLRScheduler
