@@ -97,3 +97,11 @@ def test_threads_follow_slurm_cpus_per_task(monkeypatch):
         assert threads_from_slurm(environ) == 2 and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_debug_fdr_runs_one_batch_and_writes_no_checkpoint(tmp_path, digits_teacher_file):
+    cfg = compose_config(["experiment=quickstart", "debug=fdr", f"teacher.checkpoint={digits_teacher_file}",
+                          *FAST_DIGITS, "trainer.enable_progress_bar=false"], tmp_path)
+    results = train(cfg)
+    assert "test/top1" in results and results["best_checkpoint"] == ""  # Lightning's fast dev run saves nothing
+    assert not (tmp_path / "checkpoints").exists()
