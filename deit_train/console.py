@@ -71,20 +71,18 @@ class _OnceExplained(logging.Filter):
 SACCT_EXPLANATION = ("sacct fails on this cluster (no Slurm accounting): submitit follows the jobs through their "
                      "result files instead; sacct's 'accounting storage is disabled' lines are harmless")
 
-_quieted = False
+# one filter object per logger, so that installing them again changes nothing
+_LOG_FILTERS = [(name, _DropMatching(pattern)) for name, pattern in SILENCED_LOG_RECORDS] + [
+    ("submitit", _OnceExplained(r"Call #\d+ - Bypassing sacct error", SACCT_EXPLANATION))]
 
 
 def quiet_console() -> None:
-    """Install the filters above (once per process)."""
-    global _quieted
-    if _quieted:
-        return
+    """Install the filters above; calling it again changes nothing (an equal warnings filter replaces itself,
+    a logger keeps one copy of a filter object)."""
     for pattern in SILENCED_WARNINGS:
         warnings.filterwarnings("ignore", message=pattern)
-    for name, pattern in SILENCED_LOG_RECORDS:
-        logging.getLogger(name).addFilter(_DropMatching(pattern))
-    logging.getLogger("submitit").addFilter(_OnceExplained(r"Call #\d+ - Bypassing sacct error", SACCT_EXPLANATION))
-    _quieted = True
+    for name, log_filter in _LOG_FILTERS:
+        logging.getLogger(name).addFilter(log_filter)
 
 
 class ModelSummary(LightningModelSummary):
