@@ -253,7 +253,7 @@ def shared_overrides(overrides: list[list[str]]) -> set[str]:
 def _readable_name(run_dir: Path, base: Path | None, shared: set[str] = frozenset()) -> str:
     """The run's path below ``base``, with each multirun job number (``3``) replaced by the overrides that
     made the job and vary between the runs (``distill=hard seed=1``)."""
-    if not base or run_dir == base:
+    if not base or run_dir.resolve() == base:
         kept = kept_overrides(_hydra_overrides(run_dir)) if run_dir.name.isdigit() else []
         return " ".join(kept) or run_dir.name
     parts, current = [], base
@@ -633,12 +633,16 @@ def plot_groups(groups: list[RunGroup], out: Path) -> Path:
     return save_figure(fig, out)
 
 
+DEFAULT_RUN_FOLDERS = (Path("outputs"), Path("multirun"))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="compare_runs.py", description=__doc__.split("\n\n")[0],
         epilog="examples: compare_runs.py outputs/quickstart | compare_runs.py outputs/a outputs/b --out cmp.png | "
                "compare_runs.py --wandb my-team/deit_train --group quickstart")
-    parser.add_argument("runs", nargs="*", type=Path, help="run dirs, sweep dirs or output folders (searched)")
+    parser.add_argument("runs", nargs="*", type=Path, help="run dirs, sweep dirs or output folders (searched; "
+                        "default: ./outputs and ./multirun)")
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API instead")
     parser.add_argument("--group", help="with --wandb: only this group (= experiment)")
     parser.add_argument("--source", choices=("auto", "csv", "wandb"), default="auto",
@@ -649,8 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", metavar="KEY=VALUE",
                         help="the group the others are tested against (Welch t-test), e.g. distill=none")
     args = parser.parse_args(argv)
-    if not args.runs and not args.wandb:
-        parser.error("give run directories or --wandb ENTITY/PROJECT")
+    if not args.runs and not args.wandb:  # where Hydra puts runs and sweeps when run from here
+        args.runs = [p for p in DEFAULT_RUN_FOLDERS if p.is_dir()] or list(DEFAULT_RUN_FOLDERS)
     runs = load_wandb_online(args.wandb, args.group) if args.wandb else []
     runs += find_runs(args.runs, args.source)
     if not runs:

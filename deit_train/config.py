@@ -7,7 +7,22 @@ from omegaconf import OmegaConf
 
 from deit_train.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Installed from a wheel the configs are package data (deit_train/configs); in the repository (and editable
+# installs) they are its top-level configs/.
+_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+
+
+def experiment_names() -> list[str]:
+    return sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml"))
+
+
+def require_experiment(choice: str | None, overrides: list[str]) -> None:
+    """A bare ``python -m deit_train`` stops with one line listing the experiments (the root config alone would
+    train DeiT-Ti at 224 px on upscaled digits for 300 epochs); any override means the user chose."""
+    if choice is None and not overrides:
+        raise ConfigError(f"no experiment chosen: pass experiment=<name> ({', '.join(experiment_names())}), "
+                          "e.g. `python -m deit_train experiment=quickstart` (CPU, minutes)")
 
 
 def register_resolvers() -> None:

@@ -31,8 +31,10 @@ from deit_train.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.export ckpt=<run_dir>/checkpoints/<name>.ckpt format=hf|timm out=<dir>
   [hf_class=auto|DeiTForImageClassificationWithTeacher|DeiTForImageClassification|ViTForImageClassification]
-  [tolerance=1e-4]"""
-DEFAULTS = {"ckpt": None, "format": "hf", "out": None, "hf_class": "auto", "tolerance": 1e-4}
+  [tolerance=1e-4] [license=<SPDX id of the weights, format=timm>]"""
+DEFAULTS = {"ckpt": None, "format": "hf", "out": None, "hf_class": "auto", "tolerance": 1e-4, "license": None}
+# pretrained_cfg tag of weights trained here (timm's own say where theirs come from, e.g. fb_in1k)
+TIMM_TAG = "deit_train"
 HF_INSTALL = 'format=hf needs HF transformers: pip install -e ".[hf]" (or pip install "transformers>=4.44")'
 # timm's VisionTransformer builds its norms from this name with eps=1e-6 (the DeiT value)
 _TIMM_NORM = "layernorm"
@@ -114,6 +116,7 @@ def hf_image_processor(trained: TrainedModel):
         do_center_crop=True, crop_size={"height": pre.image_size, "width": pre.image_size},
         do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
         image_mean=list(pre.mean), image_std=list(pre.std),
+        do_convert_rgb=True,  # grey / RGBA / palette images become RGB, as load_rgb does in training
     )
 
 
@@ -229,7 +232,9 @@ def canonical_timm_name(model: nn.Module, args: dict) -> str:
     return model.pretrained_cfg["architecture"]
 
 
-def export_timm(trained: TrainedModel, out: Path, tolerance: float = 1e-4) -> dict:
+def export_timm(trained: TrainedModel, out: Path, tolerance: float = 1e-4, license: str | None = None) -> dict:
+    """timm's hub layout; ``pretrained_cfg`` says these are our weights (tag ``deit_train``, the ``license`` given
+    or none) instead of the Facebook weights the architecture's default config describes."""
     import timm
     from timm.models import save_for_hf
 
@@ -239,7 +244,7 @@ def export_timm(trained: TrainedModel, out: Path, tolerance: float = 1e-4) -> di
     data_config = {"input_size": (model.pretrained_cfg["input_size"][0], pre.image_size, pre.image_size),
                    "mean": pre.mean, "std": pre.std, "crop_pct": pre.crop_pct, "interpolation": pre.interpolation}
     name = canonical_timm_name(model, args)
-    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name}
+    model.pretrained_cfg = {**model.pretrained_cfg, "architecture": name, "tag": TIMM_TAG, "license": license}
     labels = trained.class_names if len(trained.class_names) == getattr(model, "num_classes", -1) else None
     out.mkdir(parents=True, exist_ok=True)
     save_for_hf(model, str(out), model_args={k: v for k, v in args.items() if k == "norm_layer"},
@@ -258,7 +263,8 @@ def export_timm(trained: TrainedModel, out: Path, tolerance: float = 1e-4) -> di
             "model_args": config.get("model_args", {})}
 
 
-def export(ckpt: str | Path, format: str, out: str | Path, hf_class: str = "auto", tolerance: float = 1e-4) -> dict:
+def export(ckpt: str | Path, format: str, out: str | Path, hf_class: str = "auto", tolerance: float = 1e-4,
+           license: str | None = None) -> dict:
     """Export ``ckpt`` to ``out``; returns what was written and the largest output difference found."""
     if format not in ("hf", "timm"):
         raise ConfigError(f"format={format} is not supported: use format=hf (transformers) or format=timm")
@@ -273,13 +279,13 @@ def export(ckpt: str | Path, format: str, out: str | Path, hf_class: str = "auto
     out = Path(out).expanduser()
     if format == "hf":
         return export_hf(trained, out, hf_class, tolerance)
-    return export_timm(trained, out, tolerance)
+    return export_timm(trained, out, tolerance, license)
 
 
 def main(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise ConfigError(f"ckpt is not set: pass ckpt=<run_dir>/checkpoints/last.ckpt\n{USAGE}")
-    result = export(cfg.ckpt, cfg.format, cfg.out, cfg.hf_class, float(cfg.tolerance))
+    result = export(cfg.ckpt, cfg.format, cfg.out, cfg.hf_class, float(cfg.tolerance), cfg.license)
     print(json.dumps(result, indent=2))
 
 

@@ -2,13 +2,17 @@
 
 ``images`` is a list of files or a folder (searched recursively). Prints the top-k classes with probabilities of
 the prediction (the mean of both heads' logits for a distilled student) and of each head, and writes
-``<out>/predictions.json``. ``attention=true`` also writes ``<out>/<image>_attention.png``: the attention rollout
+``<out>/predictions.json``. ``attention=true`` also writes ``<out>/<image>_attention.png`` (``<image>``: the path
+relative to the images' common folder, so equal file names in different folders stay apart): the attention rollout
 (Abnar & Zuidema, 2020) from the class token over the patches, on top of the image the model saw.
 ``image_size=N`` runs at another resolution than training (position embeddings interpolated).
+Images are decoded as training decodes them (``load_rgb``); an unreadable file stops the run with one line naming it,
+or with ``skip_bad=true`` is skipped and listed in ``predictions.json`` as ``{"image": ..., "skipped": reason}``.
 """
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,14 +25,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from deit_train.cli import run_main
+from deit_train.data.images import CorruptImageError, load_rgb
 from deit_train.errors import ConfigError
 from deit_train.models.deit import forward_heads
 from deit_train.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.predict ckpt=<run_dir>/checkpoints/<name>.ckpt images=[a.png,b.png]|<folder>
-  [top_k=5] [image_size=<training size>] [attention=false] [out=predictions] [batch_size=32] [device=cpu]"""
+  [top_k=5] [image_size=<training size>] [attention=false] [out=predictions] [batch_size=32] [device=cpu]
+  [skip_bad=false]"""
 DEFAULTS = {"ckpt": None, "images": None, "top_k": 5, "image_size": None, "attention": False,
-            "out": "predictions", "batch_size": 32, "device": "cpu"}
+            "out": "predictions", "batch_size": 32, "device": "cpu", "skip_bad": False}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -47,6 +53,33 @@ def find_images(images: str | Sequence[str]) -> list[Path]:
     if not found:
         raise ConfigError(f"images={images} holds no image files ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return found
+
+
+def relative_names(paths: Sequence[Path]) -> list[Path]:
+    """Each path relative to the folder all of them are in: an output name that two equal file names in
+    different folders do not share."""
+    parents = [str(p.resolve().parent) for p in paths]
+    root = Path(os.path.commonpath(parents))
+    return [p.resolve().relative_to(root) for p in paths]
+
+
+def read_images(paths: Sequence[Path], transform, skip_bad: bool) -> tuple[list[Path], list[Tensor], list[dict]]:
+    """The readable paths with their model inputs, and ``{"image", "skipped"}`` for each unreadable file
+    (only with ``skip_bad``; otherwise the first one stops with one line naming it)."""
+    kept, pixels, skipped = [], [], []
+    for path in paths:
+        try:
+            image = load_rgb(path)
+        except CorruptImageError as exc:
+            if not skip_bad:
+                raise ConfigError(f"cannot decode image {exc.source}: delete or replace the file, or pass "
+                                  "skip_bad=true to skip unreadable files") from exc
+            cause = exc.__cause__
+            skipped.append({"image": str(path), "skipped": f"{type(cause).__name__}: {cause}"})
+            continue
+        kept.append(path)
+        pixels.append(transform(image))
+    return kept, pixels, skipped
 
 
 # ---- attention rollout ------------------------------------------------------------------------------------------
@@ -113,9 +146,10 @@ def top_k(logits: Tensor, class_names: Sequence[str], k: int) -> list[list[dict]
 
 def predict(ckpt: str | Path, images: str | Sequence[str], top_k_count: int = 5, image_size: int | None = None,
             attention: bool = False, out: str | Path | None = None, batch_size: int = 32,
-            device: str = "cpu") -> list[dict]:
+            device: str = "cpu", skip_bad: bool = False) -> list[dict]:
     """One record per image: ``prediction`` (and ``cls_head``/``dist_head`` for distilled students) as top-k
-    lists, and the attention PNG's path when ``attention``."""
+    lists, and the attention PNG's path when ``attention``; with ``skip_bad``, ``{"image", "skipped"}`` for each
+    unreadable file."""
     trained: TrainedModel = load_trained_model(ckpt, image_size=image_size)
     if trained.task != "classification":
         raise ConfigError(f"ckpt={ckpt} is a {trained.task} checkpoint without a classifier: fine-tune it first "
@@ -127,16 +161,17 @@ def predict(ckpt: str | Path, images: str | Sequence[str], top_k_count: int = 5,
     pre = trained.preprocessing
     transform = pre.transform()
     paths = find_images(images)
+    names = dict(zip(paths, relative_names(paths)))
     out = Path(out) if out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        try:
-            pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in chunk])
-        except OSError as exc:
-            raise ConfigError(f"cannot read an image of {[str(p) for p in chunk]}: {exc}") from exc
+        chunk, inputs, skipped = read_images(paths[start:start + batch_size], transform, skip_bad)
+        records += skipped
+        if not chunk:
+            continue
+        pixels = torch.stack(inputs)
         with torch.no_grad():
             if attention:
                 with capture_attention(model) as maps:
@@ -151,11 +186,14 @@ def predict(ckpt: str | Path, images: str | Sequence[str], top_k_count: int = 5,
         for i, path in enumerate(chunk):
             record = {"image": str(path), **{name: rows[i] for name, rows in ranked.items()}}
             if attention:
-                png = (out or path.parent) / f"{path.stem}_attention.png"
+                png = (out / names[path].parent if out else path.parent) / f"{path.stem}_attention.png"
+                png.parent.mkdir(parents=True, exist_ok=True)
                 grid = tuple(model.patch_embed.grid_size)
                 rollout_image(rollout[i], grid, pixels[i], pre.mean, pre.std).save(png)
                 record["attention"] = str(png)
             records.append(record)
+    order = {str(path): i for i, path in enumerate(paths)}
+    records.sort(key=lambda record: order[record["image"]])  # skipped files where they were in the input
     if out is not None:
         (out / "predictions.json").write_text(json.dumps(records, indent=2))
     return records
@@ -165,6 +203,8 @@ def format_records(records: Sequence[dict]) -> str:
     lines = []
     for record in records:
         lines.append(record["image"])
+        if "skipped" in record:
+            lines.append(f"  skipped    {record['skipped']}")
         for head in ("prediction", "cls_head", "dist_head"):
             if head in record:
                 ranked = ", ".join(f"{r['label']} {r['probability']:.3f}" for r in record[head])
@@ -179,7 +219,7 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt and images are required\n{USAGE}")
     images = cfg.images if isinstance(cfg.images, str) else list(cfg.images)
     records = predict(cfg.ckpt, images, int(cfg.top_k), cfg.image_size, bool(cfg.attention), cfg.out,
-                      int(cfg.batch_size), cfg.device)
+                      int(cfg.batch_size), cfg.device, bool(cfg.skip_bad))
     print(format_records(records))
 
 

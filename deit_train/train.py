@@ -20,8 +20,10 @@ from omegaconf import DictConfig, open_dict
 
 from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
-from deit_train.config import CONFIG_DIR
+from deit_train.config import CONFIG_DIR, require_experiment
+from deit_train.console import quiet_console
 from deit_train.data.stream import StepSeeding
+from deit_train.environment import check_accelerator, threads_from_slurm
 from deit_train.errors import ConfigError, one_line_errors
 from deit_train.loggers import log_run_config
 from deit_train.logit_cache import TeacherLogitCache
@@ -36,6 +38,8 @@ log = logging.getLogger("deit_train")
 
 # Overrides about *how* to run (not *what* to train) that a bootstrapped teacher stage inherits.
 _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
+# ... except Lightning's debugging switches, which must not make the cached quickstart teacher (debug= is not inherited)
+_DEBUG_OVERRIDE_PREFIXES = ("trainer.fast_dev_run", "trainer.overfit_batches")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -65,6 +69,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
+    check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
@@ -136,6 +141,11 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     except OSError as exc:
         raise ConfigError(f"teacher.checkpoint={target} cannot be created ({exc.strerror}): point it at a "
                           "writable path or set DEIT_TRAIN_CACHE") from exc
+    debugging = [o for o in HydraConfig.get().overrides.task if o.startswith(_DEBUG_OVERRIDE_PREFIXES)
+                 and o.split("=", 1)[-1].lower() not in ("false", "0", "0.0", "null")]
+    if debugging:  # compose_stage passes trainer.* overrides on: the cached teacher would be a debugging run
+        raise ConfigError(f"{debugging[0]} would also train the teacher that teacher.checkpoint={target} caches: "
+                          "use debug=fdr|overfit instead (the teacher is then trained in full, once)")
     log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
     # the teacher learns from the student's training subset, as the paper's teacher sees the student's data
     subset = ([f"data.train_fraction={cfg.data.train_fraction}", f"data.split_seed={cfg.data.split_seed}"]
@@ -204,6 +214,9 @@ def print_summary(results: dict) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
+        require_experiment(HydraConfig.get().runtime.choices.get("experiment"), list(HydraConfig.get().overrides.task))
+        quiet_console()
+        threads_from_slurm()
         results = train(cfg)
     if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
         return

@@ -32,7 +32,7 @@ def test_distilled_flag_follows_distill_choice(tmp_path):
 
 def test_each_group_file_instantiates_one_target():
     for path in CONFIG_DIR.glob("*/*.yaml"):
-        if path.parent.name in ("experiment", "hydra", "paths") or "defaults" in path.read_text():
+        if path.parent.name in ("experiment", "debug", "hydra", "paths") or "defaults" in path.read_text():
             continue
         node = yaml.safe_load(path.read_text())
         if path.parent.name in ("callbacks", "logger"):  # keyed by name, as Lightning lists them

@@ -97,6 +97,14 @@ def test_hf_preprocessor_matches_eval_preprocessing(tmp_path):
     ours = eval_transform(32, DATA["mean"], DATA["std"], DATA["crop_pct"])(image)
     assert theirs.shape == ours.shape == (3, 32, 32)
     assert (theirs - ours).abs().mean() < 0.1  # antialiasing differs a little; a wrong crop or norm gives ~1
+    # a grey PNG becomes 3 channels as in training (without do_convert_rgb: a [1, 1, 32, 32] tensor)
+    assert saved["do_convert_rgb"] is True
+    grey_file = tmp_path / "grey.png"
+    image.convert("L").save(grey_file)
+    grey = processor(images=Image.open(grey_file), return_tensors="pt").pixel_values
+    assert grey.shape == (1, 3, 32, 32)
+    ours = eval_transform(32, DATA["mean"], DATA["std"], DATA["crop_pct"])(Image.open(grey_file).convert("RGB"))
+    assert (grey[0] - ours).abs().mean() < 0.1
 
 
 @needs_hf
@@ -160,6 +168,11 @@ def test_timm_export_loads_with_create_model(tmp_path, pixels, distilled):
     config = json.loads((tmp_path / "timm" / "config.json").read_text())
     assert config["label_names"] == CLASSES
     assert config["pretrained_cfg"]["mean"] == DATA["mean"] and config["pretrained_cfg"]["crop_pct"] == 0.875
+    # our weights, not timm's deit_tiny (tag fb_in1k, apache-2.0, Facebook's URL); a license only when given
+    assert config["pretrained_cfg"]["tag"] == "deit_train"
+    assert not {"license", "url", "hf_hub_id"} & set(config["pretrained_cfg"])
+    export(ckpt, "timm", tmp_path / "licensed", license="cc-by-4.0")
+    assert json.loads((tmp_path / "licensed" / "config.json").read_text())["pretrained_cfg"]["license"] == "cc-by-4.0"
     overlay = {**config["pretrained_cfg"], "file": str(tmp_path / "timm" / "model.safetensors")}
     by_name = timm.create_model(result["architecture"], pretrained=True, pretrained_cfg_overlay=overlay,
                                 **config["model_args"]).eval()
@@ -247,3 +260,14 @@ def test_hf_key_mapping_round_trip_in_both_transformers_layouts():
         assert torch.equal(hf_state[layer_key], state["blocks.0.attn.qkv.weight"][:32])
         back = hf_to_timm(hf_state)
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("experiment", ["simmim_pretrain", "simmim_quickstart_pretrain"])
+def test_simmim_pretraining_exports_as_vit_as_the_readme_says(experiment, tmp_path):
+    """Pretraining encoders have no distillation token, so export picks ViTForMaskedImageModeling (transformers'
+    DeiT would add one); the README names that class (issue 13 found it naming DeiTForMaskedImageModeling)."""
+    from conftest import ROOT, compose_config
+
+    assert compose_config([f"experiment={experiment}"], tmp_path).model.distilled is False
+    readme = (ROOT / "README.md").read_text()
+    assert "`ViTForMaskedImageModeling`" in readme and "DeiTForMaskedImageModeling" not in readme

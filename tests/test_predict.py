@@ -170,3 +170,38 @@ def test_trained_run_exports_and_predicts_from_the_checkpoint_alone(tmp_path, di
         assert torch.equal(bare.model(x), full.model(x))
         assert torch.equal(exported(x), full.model(x))
     assert bare.preprocessing == full.preprocessing
+
+
+def test_predict_names_a_bad_file_skips_it_on_request_and_keeps_equal_names_apart(distilled_ckpt, tmp_path):
+    ckpt, model = distilled_ckpt
+    folder = tmp_path / "photos"
+    rng = np.random.default_rng(1)
+    for sub in ("a", "b"):  # the same file name in two folders
+        (folder / sub).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / sub / "x.png")
+    # fully transparent RGBA: training's load_rgb composites it over white; PIL's convert("RGB") would give black
+    Image.new("RGBA", (32, 32), (0, 0, 0, 0)).save(folder / "a" / "clear.png")
+    good = (folder / "a" / "x.png").read_bytes()
+    (folder / "b" / "broken.png").write_bytes(good[: len(good) // 2])
+
+    with pytest.raises(ConfigError) as error:
+        predict(ckpt, str(folder), batch_size=8)
+    message = str(error.value)
+    assert "broken.png" in message and "skip_bad=true" in message and "x.png" not in message
+
+    out = tmp_path / "out"
+    records = predict(ckpt, str(folder), top_k_count=3, attention=True, out=out, batch_size=8, skip_bad=True)
+    assert [r["image"] for r in records] == [str(folder / p) for p in ("a/clear.png", "a/x.png", "b/broken.png",
+                                                                       "b/x.png")]
+    assert set(records[2]) == {"image", "skipped"} and records[2]["skipped"]
+    assert json.loads((out / "predictions.json").read_text()) == records
+    assert records[1]["attention"] == str(out / "a" / "x_attention.png")
+    assert records[3]["attention"] == str(out / "b" / "x_attention.png")
+    assert (out / "a" / "x_attention.png").is_file() and (out / "b" / "x_attention.png").is_file()
+
+    transform = eval_transform(32, DATA["mean"], DATA["std"], crop_pct=1.0)
+    with torch.no_grad():
+        cls, dist = forward_heads(model, transform(Image.new("RGB", (32, 32), (255, 255, 255)))[None])
+    probs = ((cls + dist) / 2)[0].softmax(-1)
+    assert [r["probability"] for r in records[0]["prediction"]] == pytest.approx(
+        probs.sort(descending=True).values.tolist(), abs=1e-5)

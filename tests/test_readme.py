@@ -1,0 +1,196 @@
+"""Every shell command in README.md, checked the way a user types it, from a fresh working directory.
+
+Each command is listed in CHECKS with how it is checked; a command added to the README without an entry here
+fails ``test_every_readme_command_is_checked``:
+
+- ``run``: run as typed, with tiny overrides where it trains (``test_readme_quickstart_then_compare_export_predict``);
+- ``compose``: needs a data set, weights or GPUs that tests do not have: its overrides, exactly as typed, must
+  compose into a config (every option exists, every value has its type);
+- ``options``: a tool command whose inputs tests do not have: its options must parse;
+- ``elsewhere``: run by the named test;
+- ``not run``: changes the environment (installs) or is this test suite itself.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from omegaconf import OmegaConf
+
+from conftest import FAST_DIGITS, ROOT, compose_config
+from deit_train import benchmark as benchmark_cli
+from deit_train import export as export_cli
+from deit_train import predict as predict_cli
+from deit_train.cli import parse_args, run_main
+from deit_train.compare import main as compare_runs
+from deit_train.config import CONFIG_DIR
+from deit_train.train import main as train_main
+
+README = ROOT / "README.md"
+CHECKS: dict[str, tuple[str, str]] = {
+    'pip install -e ".[dev]" && scripts/install_slurm.sh': ("not run", "installs packages"),
+    "python3 -m venv .venv && . .venv/bin/activate": ("not run", "creates the environment the tests run in"),
+    "scripts/install_slurm.sh": ("not run", "installs Debian packages"),
+    "pip install -e .": ("not run", "installs the package"),
+    'pip install -e ".[hf]"': ("not run", "installs transformers"),
+    "pytest": ("not run", "this test suite"),
+    "python -m deit_train experiment=quickstart": ("run", ""),
+    "python -m deit_train": ("run", ""),
+    "python scripts/compare_runs.py outputs/quickstart": ("run", ""),
+    "python -m deit_train.export ckpt=<run>/checkpoints/last.ckpt format=hf out=hf_model": ("run", ""),
+    "python -m deit_train.predict ckpt=... images=<folder or [a.png,b.png]> top_k=5 --attention [image_size=384]":
+        ("run", ""),
+    "python -m deit_train experiment=deit_small_distill data.root=/path/to/imagenet "
+    "teacher.checkpoint=/path/regnety_160.pth": ("compose", "ImageNet and the official RegNetY-16GF"),
+    "python -m deit_train experiment=deit_tiny data=hf data.path=/data/saved_dataset": ("compose", "a saved data set"),
+    "python -m deit_train experiment=deit_tiny data=hf data.path=parquet data.data_files='{train: "
+    "/d/train-*.parquet, validation: /d/val-*.parquet}' data.image_column=img data.label_column=fine_label":
+        ("compose", "parquet files"),
+    "python -m deit_train experiment=deit_tiny data=hf data.path=/data/saved_dataset data.streaming=true "
+    "data.train_samples=1281167": ("compose", "a saved data set"),
+    "python -m deit_train experiment=deit_tiny data=cifar10 data.root=/data/cifar": ("compose", "CIFAR-10 files"),
+    "python -m deit_train experiment=deit_base_384_finetune data.root=/data/imagenet "
+    "model.init_from=/ckpt/deit_base_224.ckpt": ("compose", "ImageNet and a DeiT-B checkpoint"),
+    "python -m deit_train experiment=simmim_quickstart": ("compose", "three training stages: tests/test_simmim.py"),
+    "python -m deit_train experiment=simmim_pretrain data.root=/path/imagenet": ("compose", "ImageNet"),
+    "python -m deit_train experiment=simmim_finetune data.root=/path/imagenet "
+    "model.init_from=<pretrain run>/checkpoints/last.ckpt": ("compose", "ImageNet and a pretraining run"),
+    "python -m deit_train -m hydra/launcher=slurm distill=none,soft,hard model=deit_tiny,deit_small":
+        ("compose", "a GPU Slurm cluster"),
+    "sbatch slurm/train.sbatch experiment=deit_small_distill data.root=... teacher.checkpoint=...":
+        ("elsewhere", "test_slurm.py::test_sbatch_requeue_resumes_in_same_run_dir"),
+    "scripts/slurm_local_cluster.sh start /tmp/slurm && export SLURM_CONF=/tmp/slurm/slurm.conf":
+        ("elsewhere", "test_slurm.py::slurm"),
+    "scripts/slurm_local_cluster.sh stop /tmp/slurm": ("elsewhere", "test_slurm.py::slurm"),
+    "scripts/slurm_local_cluster.sh": ("elsewhere", "test_slurm.py::slurm"),
+    "python -m deit_train -m hydra/launcher=slurm_cpu experiment=quickstart distill=none,hard":
+        ("elsewhere", "test_slurm.py::test_submitit_sweep_runs_each_job_in_its_own_dir"),
+    "sbatch --gres=none --ntasks-per-node=1 --cpus-per-task=2 slurm/train.sbatch experiment=quickstart":
+        ("elsewhere", "test_slurm.py::test_sbatch_requeue_resumes_in_same_run_dir"),
+    "python scripts/compare_runs.py --wandb ENTITY/PROJECT --group quickstart": ("not run", "needs a W&B account"),
+    "python -m deit_train.benchmark models=[deit_tiny,deit_small] batch_sizes=[64] precisions=[fp32,bf16,fp16] "
+    "attention=[sdpa,eager]": ("options", "a GPU benchmark: tests/test_benchmark.py runs it small"),
+    "python scripts/benchmark_step.py": ("elsewhere", "test_benchmark.py"),
+    "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
+}
+
+# Console lines that count as warnings: Python's `file.py:123: ...` form, anything saying warn(ing) or
+# deprecat(ed), and Lightning's tips.
+WARNING_LINE = re.compile(r"\.py:\d+: |warn|deprecat|💡", re.IGNORECASE)
+# Warnings the quickstart may print, each with why it stays. Empty: the quickstart prints none
+# (deit_train/console.py lists what is silenced and why).
+ALLOWED_WARNINGS: tuple[str, ...] = ()
+
+
+def readme_commands(text: str) -> list[str]:
+    """Lines of ```bash blocks (continuations joined, comments dropped) and inline `python|pip|sbatch|scripts/|
+    pytest ...` spans outside them."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line:
+                commands.append(line)
+    prose = re.sub(r"\n\s*", " ", re.sub(r"```.*?```", "", text, flags=re.S))
+    commands += [span for span in re.findall(r"`([^`]+)`", prose)
+                 if re.match(r"(python3? |pip |sbatch |scripts/|pytest)", span)]
+    return commands
+
+
+def test_every_readme_command_is_checked():
+    commands = readme_commands(README.read_text())
+    assert set(commands) == set(CHECKS), {"unchecked": sorted(set(commands) - set(CHECKS)),
+                                          "no longer in the README": sorted(set(CHECKS) - set(commands))}
+    for command, (kind, where) in CHECKS.items():
+        if kind == "elsewhere":  # the named test exists
+            file, _, name = where.partition("::")
+            assert (ROOT / "tests" / file).is_file() and (not name or f"def {name}(" in (ROOT / "tests" / file).read_text()), where
+
+
+def _one_job(overrides: list[str]) -> list[str]:
+    """A sweep's first job: ``a=x,y`` -> ``a=x`` (plain comma lists only, not dict values)."""
+    return [re.sub(r"^([\w./]+=[\w./-]+),[\w.,/-]+$", r"\1", o) for o in overrides]
+
+
+@pytest.mark.parametrize("command", [c for c, (kind, _) in CHECKS.items() if kind == "compose"])
+def test_readme_command_composes(command, tmp_path):
+    words = shlex.split(re.sub(r"<[^>]+>", "placeholder", command))  # placeholders filled in, as a user does
+    assert words[:3] == ["python", "-m", "deit_train"]
+    overrides = _one_job([w for w in words[3:] if w != "-m"])
+    cfg = compose_config(overrides, tmp_path)
+    groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
+    for override in overrides:  # plain values land where typed (group choices: composing at all checks them)
+        key, value = override.split("=", 1)
+        if key not in groups and "/" not in key and not value.startswith("{"):
+            assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (key, value)
+
+
+@pytest.mark.parametrize("command", [c for c, (kind, _) in CHECKS.items() if kind == "options"])
+def test_readme_tool_options_parse(command):
+    words = shlex.split(command)
+    tool = {"deit_train.benchmark": benchmark_cli}[words[2]]
+    parse_args(tool.DEFAULTS, words[3:], tool.USAGE)
+
+
+def _tool(tool, argv: list[str]) -> None:
+    run_main(tool.main, tool.DEFAULTS, tool.USAGE, argv=argv)
+
+
+def test_readme_quickstart_then_compare_export_predict(tmp_path, digits_teacher_file, monkeypatch, capsys):
+    """The README's path in order, from an empty working directory; the quickstart's console has no warnings."""
+    work = tmp_path / "work"
+    work.mkdir()
+    tiny = [f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=3", *FAST_DIGITS,
+            "trainer.enable_progress_bar=false"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env.update(DEIT_TRAIN_CACHE=str(tmp_path / "cache"), PYTHONPATH=os.pathsep.join(filter(None, [
+        str(ROOT), env.get("PYTHONPATH")])))
+    quickstart = subprocess.run([sys.executable, *shlex.split("python -m deit_train experiment=quickstart")[1:], *tiny],
+                                cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert quickstart.returncode == 0, quickstart.stderr[-3000:]
+    console = [line for line in (quickstart.stdout + quickstart.stderr).splitlines()
+               if WARNING_LINE.search(line) and not any(re.search(a, line) for a in ALLOWED_WARNINGS)]
+    assert console == []
+    output = quickstart.stdout + quickstart.stderr  # the model summary, without the FLOPs Lightning did not count
+    assert "Trainable params" in output and "flops" not in output.lower()
+    (run,) = (work / "outputs" / "quickstart").iterdir()
+    assert (run / "results.json").is_file() and (run / "csv" / "metrics.csv").is_file()
+
+    # a bare run: one line naming the experiments, nothing trained
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "argv", ["deit_train"])
+    with pytest.raises(SystemExit) as bare:
+        train_main()
+    assert bare.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+    # two runs in outputs/quickstart (the second a copy), compared from the working directory
+    shutil.copytree(run, run.with_name(run.name + "_copy"))
+    assert compare_runs(shlex.split("python scripts/compare_runs.py outputs/quickstart")[2:]) == 0
+    printed = capsys.readouterr().out
+    assert run.name in printed and f"{run.name}_copy" in printed
+
+    export = shlex.split("python -m deit_train.export ckpt=<run>/checkpoints/last.ckpt format=hf out=hf_model")
+    _tool(export_cli, [w.replace("<run>", str(run.relative_to(work))) for w in export[3:]])
+    assert (work / "hf_model" / "config.json").is_file() and (work / "hf_model" / "preprocessor_config.json").is_file()
+
+    images = work / "digits"
+    images.mkdir()
+    for i, digit in enumerate(load_digits().images[:2]):
+        Image.fromarray((digit * 255 / 16).astype(np.uint8)).save(images / f"{i}.png")
+    predict = shlex.split("python -m deit_train.predict ckpt=... images=<folder or [a.png,b.png]> top_k=5 "
+                          "--attention [image_size=384]")
+    argv = {"ckpt=...": f"ckpt={run / 'checkpoints' / 'last.ckpt'}", "images=<folder": f"images={images}",
+            "or": None, "[a.png,b.png]>": None, "[image_size=384]": "image_size=32"}  # 384 px: slow on CPU
+    _tool(predict_cli, [argv.get(w, w) for w in predict[3:] if argv.get(w, w)])
+    assert (work / "predictions" / "predictions.json").is_file()
+    assert sorted(p.name for p in (work / "predictions").glob("*_attention.png")) == ["0_attention.png",
+                                                                                     "1_attention.png"]
