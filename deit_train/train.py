@@ -24,7 +24,7 @@ from deit_train.compare import load_local_run, plot_curves
 from deit_train.config import CONFIG_DIR
 from deit_train.errors import ConfigError, find_config_error
 from deit_train.loggers import log_run_config
-from deit_train.models.checkpoint import read_state_dict
+from deit_train.models.teacher import teacher_file
 from deit_train.resume import resume_checkpoint
 from deit_train.trained_model import StoreRunConfig
 
@@ -83,7 +83,7 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     """Train the teacher first with experiment ``cfg.teacher_recipe`` when its checkpoint is missing.
 
     The quickstart's digits teacher is made by this same framework and cached at ``teacher.checkpoint``
-    (weights only), so later runs reuse it.
+    (weights and identity: architecture, normalisation, resolution, class names), so later runs reuse it.
     """
     recipe, teacher = cfg.get("teacher_recipe"), cfg.get("teacher")
     if not recipe or not teacher or not teacher.get("checkpoint") or Path(teacher.checkpoint).is_file():
@@ -96,7 +96,7 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
                           "writable path or set DEIT_TRAIN_CACHE") from exc
     log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
     results = train(compose_stage(cfg, [f"experiment={recipe}"], Path(cfg.paths.output_dir) / "teacher"))
-    atomic_torch_save(read_state_dict(results["best_checkpoint"]), target)
+    atomic_torch_save(teacher_file(results["best_checkpoint"]), target)
     log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
 
 

@@ -103,14 +103,14 @@ def test_ddp_leaves_the_teacher_alone(digits_teacher_file, tmp_path):
 
 
 def _student(classes=10, size=32):
-    return create_deit(image_size=size, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+    return create_deit(image_size=size, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                        num_classes=classes, distilled=True, drop_path_rate=0.0)
 
 
 def _fit_losses(teacher, precision="32-true", compile=False, steps=3):
-    """train/loss of a few steps of a digits distillation run, from the same initial student and batches."""
+    """train/loss of a few steps of a digits distillation run (16 px), from the same initial student and batches."""
     torch.manual_seed(0)
-    module = ClassificationModule(_student(), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0),
+    module = ClassificationModule(_student(size=16), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0),
                                   teacher=teacher, compile=compile)
     losses = []
 
@@ -118,7 +118,7 @@ def _fit_losses(teacher, precision="32-true", compile=False, steps=3):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             losses.append(float(outputs["loss"]))
 
-    data = DigitsDataModule(image_size=32, augment=False, batch_size=16)
+    data = DigitsDataModule(image_size=16, augment=False, batch_size=16)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", precision=precision, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         limit_val_batches=0, callbacks=[Record()])
@@ -145,4 +145,6 @@ def test_compiled_student_and_teacher_train_like_eager(digits_teacher_file, tmp_
     assert compiled == pytest.approx(eager, rel=1e-4, abs=1e-5)
     # the student stays a plain module: checkpoints and exports keep the network's own keys
     assert not any("_orig_mod" in k for k in module.state_dict())
-    assert set(module.student.state_dict()) == set(_student().state_dict())
+    assert set(module.student.state_dict()) == set(_student(size=16).state_dict())
+    assert set(module.teacher.state_dict()) == set(FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file))
+                                                   .state_dict())

@@ -5,7 +5,7 @@ weights and inputs in ``channels_last``, forward under ``torch.inference_mode()`
 (``teacher.precision``, independent of the student's ``trainer.precision``), optionally ``torch.compile``d;
 its logits reach the loss in fp32 whatever it ran in.
 
-The teacher's identity travels with its file (:func:`teacher_identity_payload`): architecture, normalisation,
+The teacher's identity travels with its file (:func:`teacher_file`): architecture, normalisation,
 input resolution and interpolation, class names in label order. The teacher uses them whatever the data config
 says; an explicit ``teacher.mean/std/image_size`` still wins.
 """
@@ -51,12 +51,9 @@ class TeacherIdentity:
     class_names: list[str] | None = None
 
 
-def teacher_identity_payload(architecture: str, data_cfg, class_names: Sequence[str]) -> dict:
-    """The identity a teacher trained by this framework on ``data_cfg`` is saved with (see ``bootstrap_teacher``)."""
-    return asdict(TeacherIdentity(
-        architecture=architecture, mean=tuple(data_cfg.mean), std=tuple(data_cfg.std),
-        image_size=int(data_cfg.image_size), interpolation=str(data_cfg.get("interpolation", "bicubic")),
-        class_names=[str(c) for c in class_names]))
+def teacher_file(checkpoint: str | Path) -> dict:
+    """A teacher file from a checkpoint of this project: its weights and identity, read back by FrozenTeacher."""
+    return {"state_dict": read_state_dict(checkpoint), IDENTITY_KEY: asdict(read_teacher_identity(checkpoint))}
 
 
 def read_teacher_identity(path: str | Path) -> TeacherIdentity:
@@ -222,7 +219,7 @@ class FrozenTeacher(nn.Module):
         self.compile = compile
         self._prepared_for: torch.device | None = None
         self._resolved_precision = resolve_precision(precision, torch.device("cpu"))
-        self._forward = self.model
+        self._forward = self.model.__call__  # a function, not a second registered module (state-dict keys)
         super().train(False)
 
     def _load(self, state: dict[str, Tensor], checkpoint: str, identity: TeacherIdentity) -> None:
@@ -270,7 +267,7 @@ class FrozenTeacher(nn.Module):
         self.to(device)
         self.model.to(dtype=PRECISIONS[resolved], memory_format=torch.channels_last)
         self._resolved_precision = resolved
-        self._forward = torch.compile(self.model) if self.compile else self.model
+        self._forward = torch.compile(self.model.__call__) if self.compile else self.model.__call__
         self._prepared_for = device
         log.info("teacher %s on %s: %s, channels_last, %d BatchNorm folded%s", self.architecture, device.type,
                  resolved, self.folded_batchnorms, ", compiled" if self.compile else "")
