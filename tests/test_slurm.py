@@ -139,7 +139,7 @@ def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_
     submit = subprocess.run(
         ["sbatch", "--parsable", "--gres=none", "--ntasks-per-node=1", "--cpus-per-task=1",
          f"--output={tmp_path}/slurm-%j.out", str(ROOT / "slurm" / "train.sbatch"),
-         *TINY, f"teacher.checkpoint={digits_teacher_file}", f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"],
+         *TINY, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", f"trainer.max_epochs={epochs}", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=slurm, capture_output=True, text=True, check=True)
     job = submit.stdout.strip().split(";")[0]
     last = run_dir / "checkpoints" / "last.ckpt"
@@ -171,7 +171,7 @@ def test_srun_two_task_ddp_on_cpu(slurm, tmp_path, digits_teacher_file):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", sys.executable, "-m", "deit_train", *TINY,
-         f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=1", "strategy=ddp_cpu",
+         f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1", "strategy=ddp_cpu",
          "trainer.devices=2", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -191,7 +191,7 @@ def test_submitit_sweep_runs_each_job_in_its_own_dir(slurm, tmp_path, digits_tea
     proc = subprocess.run(
         [sys.executable, "-m", "deit_train", "-m", "hydra/launcher=slurm", f"hydra.sweep.dir={sweep_dir}",
          "hydra.launcher.gpus_per_node=null", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         *TINY, f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=1", "distill=none,hard"],
+         *TINY, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1", "distill=none,hard"],
         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     jobs = {}
