@@ -13,6 +13,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
@@ -42,6 +43,8 @@ def train(cfg: DictConfig) -> dict:
     output_dir = Path(cfg.paths.output_dir)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():  # TF32 matmuls on Ampere+ (CPU matmuls are left exact)
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
         with open_dict(cfg):

@@ -152,6 +152,8 @@ class FrozenTeacher(nn.Module):
         interpolation: resize mode (default: the teacher file's, else bicubic).
         precision: ``auto`` (bf16 where the device runs it fast, else fp32), ``fp32``, ``bf16``, ``fp16``.
         compile: ``torch.compile`` the teacher forward.
+        lean: fold BatchNorm and run ``channels_last`` (default); ``false`` runs the network as loaded, NCHW
+            (the pre-lean teacher, for benchmarks and debugging).
         class_order: when teacher and data both know their class names and the order differs: ``strict``
             stops, ``match`` reorders the teacher's outputs to the data's order.
         min_val_top1: the teacher's top-1 on the first validation batches (Lightning's sanity check) must reach
@@ -172,6 +174,7 @@ class FrozenTeacher(nn.Module):
         interpolation: str | None = None,
         precision: str = "auto",
         compile: bool = False,
+        lean: bool = True,
         class_order: str = "strict",
         min_val_top1: float | None = None,
     ) -> None:
@@ -214,7 +217,9 @@ class FrozenTeacher(nn.Module):
         self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("class_index", None, persistent=False)
-        self.folded_batchnorms = fold_batchnorm(self.model)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # the network's, before folding
+        self.folded_batchnorms = fold_batchnorm(self.model) if lean else 0
+        self.memory_format = torch.channels_last if lean else torch.contiguous_format
         self.precision = precision
         self.compile = compile
         self._prepared_for: torch.device | None = None
@@ -265,12 +270,12 @@ class FrozenTeacher(nn.Module):
             log.info("teacher.precision=%s is emulated on this CPU (no AVX512-BF16/AMX) and slower than fp32: "
                      "teacher.precision=auto picks fp32 here", resolved)
         self.to(device)
-        self.model.to(dtype=PRECISIONS[resolved], memory_format=torch.channels_last)
+        self.model.to(dtype=PRECISIONS[resolved], memory_format=self.memory_format)
         self._resolved_precision = resolved
         self._forward = torch.compile(self.model.__call__) if self.compile else self.model.__call__
         self._prepared_for = device
-        log.info("teacher %s on %s: %s, channels_last, %d BatchNorm folded%s", self.architecture, device.type,
-                 resolved, self.folded_batchnorms, ", compiled" if self.compile else "")
+        log.info("teacher %s on %s: %s, %s, %d BatchNorm folded%s", self.architecture, device.type, resolved,
+                 self.memory_format, self.folded_batchnorms, ", compiled" if self.compile else "")
 
     def forward(self, x: Tensor) -> Tensor:
         """fp32 logits of the (resized, re-normalised) images, in the data's class order."""
@@ -283,7 +288,7 @@ class FrozenTeacher(nn.Module):
                                   if self.interpolation in ("bilinear", "bicubic") else None)
             if self.renormalise:
                 x = x * self.scale + self.shift
-            x = x.to(dtype=PRECISIONS[self._resolved_precision], memory_format=torch.channels_last)
+            x = x.to(dtype=PRECISIONS[self._resolved_precision], memory_format=self.memory_format)
             logits = self._forward(x)
             if self.class_index is not None:
                 logits = logits[:, self.class_index]

@@ -140,7 +140,7 @@ class ClassificationModule(RecipeTrainedModule):
         self._evaluate(self.metrics["test"], self.student, batch, with_loss=True)
 
     def parameter_counts(self) -> dict[str, int]:
-        teacher = sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0
+        teacher = self.teacher.num_parameters if self.teacher is not None else 0
         return {**super().parameter_counts(), "params/teacher": teacher}
 
     # ---- checkpoints: the teacher is loaded from its own file, not stored in every checkpoint ---------

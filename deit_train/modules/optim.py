@@ -36,10 +36,17 @@ class OptimRecipe:
     def lr(self, global_batch: int) -> float:
         return self.base_lr * global_batch / self.reference_batch
 
+    def kernel_options(self, model: nn.Module) -> dict:
+        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math."""
+        if self.name.lower() not in ("adamw", "adam"):
+            return {}
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return {"fused": True} if on_cuda else {"foreach": True}
+
     def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int):
         optimizer = create_optimizer_v2(
             model, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps, layer_decay=self.layer_decay,
+            betas=tuple(self.betas), eps=self.eps, layer_decay=self.layer_decay, **self.kernel_options(model),
         )
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
         scheduler = CosineLRScheduler(
