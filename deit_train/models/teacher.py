@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deit_train.errors import ConfigError
@@ -248,15 +247,6 @@ class FrozenTeacher(nn.Module):
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
-
-    def exclude_from_ddp(self, root: nn.Module, prefix: str) -> None:
-        """Tell DDP (which wraps ``root``, holding this teacher at ``prefix``) to leave the teacher alone: no
-        broadcast of its weights at start nor of its buffers every step, as timm's distillation wraps only the
-        student."""
-        names = [f"{prefix}{name}" for name, _ in self.named_parameters()]
-        names += [f"{prefix}{name}" for name in [n for n, _ in self.named_buffers()] + ["class_index"]]  # set later
-        ignored = list(getattr(root, "_ddp_params_and_buffers_to_ignore", []))
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(root, ignored + names)
 
     # ---- running lean -------------------------------------------------------------------------------
     def prepare(self, device: torch.device | str) -> None:

@@ -44,9 +44,10 @@ class ClassificationModule(RecipeTrainedModule):
         super().__init__()
         self._check(student, criterion, teacher)
         self.student = student
-        self.teacher = teacher if criterion.uses_teacher else None
-        if self.teacher is not None:  # DDP neither broadcasts nor reduces anything of the frozen teacher
-            self.teacher.exclude_from_ddp(self, prefix="teacher.")
+        # The frozen teacher is not a registered submodule (timm's distillation wraps only the student): DDP/FSDP
+        # never broadcast or shard it, precision plugins never cast it, checkpoints never store it (it has its own
+        # file); it places itself on the device in its own precision (setup, or its first forward).
+        object.__setattr__(self, "teacher", teacher if criterion.uses_teacher else None)
         self.forward_heads = torch.compile(forward_heads) if compile else forward_heads
         self._teacher_hits = torch.zeros(2)  # (correct, seen) of the teacher during the sanity check
         self.criterion = criterion
@@ -142,11 +143,3 @@ class ClassificationModule(RecipeTrainedModule):
     def parameter_counts(self) -> dict[str, int]:
         teacher = self.teacher.num_parameters if self.teacher is not None else 0
         return {**super().parameter_counts(), "params/teacher": teacher}
-
-    # ---- checkpoints: the teacher is loaded from its own file, not stored in every checkpoint ---------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})
