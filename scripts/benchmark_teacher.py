@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="deit_tiny", help="student config (model=<name>)")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=6, help="train steps per epoch (2 epochs, the last is timed)")
     parser.add_argument("--precisions", default="auto,fp32", help="lean-teacher rows, from auto,fp32,bf16,fp16")
     parser.add_argument("--compile-precision", default="auto", help="precision of the compiled row ('' for none)")
@@ -89,7 +90,10 @@ def main() -> None:
 
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    common = [f"model={args.model}", "data=fake", f"data.batch_size={args.batch_size}", "data.num_workers=2",
+    # the step timer excludes data loading; no loader workers on CPU so the steps keep the cores
+    workers = 0 if args.device == "cpu" else 4
+    common = [f"model={args.model}", f"model.image_size={args.image_size}", "data=fake",
+              f"data.batch_size={args.batch_size}", f"data.num_workers={workers}",
               f"data.num_train={args.batch_size * args.steps}", f"trainer={args.device}", "trainer.max_epochs=2",
               "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
               "~callbacks", "+trainer.enable_checkpointing=false", "optim.warmup_epochs=0", "test=false"]
@@ -99,18 +103,18 @@ def main() -> None:
         teacher_file = Path(tmp) / "regnety_160.pth"
         torch.manual_seed(0)
         torch.save(timm.create_model("regnety_160").state_dict(), teacher_file)
-        results = []
-        for row in rows(args.precisions.split(","), args.compile_precision or None):
+        table, results = rows(args.precisions.split(","), args.compile_precision or None), []
+        for row in table:
             img_s = run(row, common, teacher_file, out)
             results.append({"name": row.name, "img_s": round(img_s, 3)})
             print(f"{row.name}: {img_s:.2f} img/s", flush=True)
     plain = results[0]["img_s"]
-    for r, row in zip(results, rows(args.precisions.split(","), args.compile_precision or None)):
+    for r, row in zip(results, table):
         r["ratio"] = round(r["img_s"] / plain, 3)
         r["teacher_share"] = round(1 - r["img_s"] / plain, 3) if row.distilled else None
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU, {torch.get_num_threads()} threads"
-    report = {"setup": f"{args.model} student @224, regnety_160 teacher (random weights), batch {args.batch_size}, "
-                       f"data=fake, {args.steps} timed steps, {device}, torch {torch.__version__}",
+    report = {"setup": f"{args.model} student @{args.image_size}, regnety_160 teacher (random weights), "
+                       f"batch {args.batch_size}, data=fake, {args.steps} timed steps, {device}, torch {torch.__version__}",
               "rows": results}
     (out / "benchmark_teacher.json").write_text(json.dumps(report, indent=2))
     (out / "benchmark_teacher.md").write_text(markdown(report))
