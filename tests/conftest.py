@@ -27,6 +27,17 @@ def digits_teacher_file(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def spread_teacher_net():
+    """A regnetx_002 with 10 classes in eval mode whose logits span a few units (an untrained head gives ~0.02,
+    where rounding alone would flip argmaxes): for comparing teacher forwards."""
+    torch.manual_seed(0)
+    net = timm.create_model("regnetx_002", num_classes=10).eval()
+    with torch.no_grad():
+        net.head.fc.weight.mul_(200)
+    return net
+
+
 def compose_config(overrides: list[str], output_dir: Path):
     """The composed root config, as `python -m deit_train <overrides>` would see it."""
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

@@ -20,16 +20,12 @@ NAMES = [str(i) for i in range(10)]
 
 
 @pytest.fixture(scope="module")
-def net_and_file(tmp_path_factory):
+def net_and_file(spread_teacher_net, tmp_path_factory):
     """A digits teacher saved as this framework saves one: weights plus identity (0.5/0.5, 32 px, classes)."""
-    torch.manual_seed(0)
-    net = timm.create_model("regnetx_002", num_classes=10).eval()
-    with torch.no_grad():
-        net.head.fc.weight.mul_(200)
     identity = TeacherIdentity("regnetx_002", (0.5,) * 3, (0.5,) * 3, 32, "bicubic", NAMES)
     path = tmp_path_factory.mktemp("identity") / "teacher.pth"
-    torch.save({"state_dict": net.state_dict(), IDENTITY_KEY: asdict(identity)}, path)
-    return net, path
+    torch.save({"state_dict": spread_teacher_net.state_dict(), IDENTITY_KEY: asdict(identity)}, path)
+    return spread_teacher_net, path
 
 
 def test_stored_normalisation_wins_over_the_data_config(net_and_file):

@@ -19,15 +19,10 @@ RELATIVE_TOLERANCE = {"fp32": 1e-5, "fp16": 5e-3, "bf16": 3e-2}
 
 
 @pytest.fixture(scope="module")
-def scaled_teacher(tmp_path_factory):
-    """A regnetx_002 digits teacher whose logits span a few units (an untrained head gives ~0.02: ties)."""
-    torch.manual_seed(0)
-    net = timm.create_model("regnetx_002", num_classes=10).eval()
-    with torch.no_grad():
-        net.head.fc.weight.mul_(200)
+def scaled_teacher(spread_teacher_net, tmp_path_factory):
     path = tmp_path_factory.mktemp("lean") / "teacher.pth"
-    torch.save(net.state_dict(), path)
-    return net, path
+    torch.save(spread_teacher_net.state_dict(), path)
+    return spread_teacher_net, path
 
 
 @pytest.fixture(scope="module")
