@@ -148,3 +148,16 @@ def test_a_teacher_that_misses_the_images_stops_the_run(net_and_file):
                                           r"teacher.min_val_top1=0.900; check its resolution \(teacher.image_size=32"):
         trainer.fit(module, datamodule=_Batches())
     assert all(torch.equal(before[k], v) for k, v in student.state_dict().items())  # stopped before training
+
+
+def test_safetensors_metadata_carries_the_identity(net_and_file, tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    net, _ = net_and_file
+    identity = TeacherIdentity("regnetx_002", (0.5,) * 3, (0.5,) * 3, 24, "bilinear", NAMES)
+    save_file(net.state_dict(), str(tmp_path / "t.safetensors"), metadata={IDENTITY_KEY: json.dumps(asdict(identity))})
+    teacher = FrozenTeacher("regnetx_002", checkpoint=str(tmp_path / "t.safetensors"))
+    assert (teacher.mean, teacher.image_size, teacher.interpolation, teacher.class_names) == \
+           ((0.5,) * 3, 24, "bilinear", NAMES)

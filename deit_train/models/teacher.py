@@ -12,6 +12,7 @@ says; an explicit ``teacher.mean/std/image_size`` still wins.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -60,8 +61,6 @@ def read_teacher_identity(path: str | Path) -> TeacherIdentity:
     (its stored model/data config), or safetensors metadata; empty for plain state dicts and foreign files."""
     path = Path(path).expanduser()
     if path.suffix == ".safetensors":
-        import json
-
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as handle:
