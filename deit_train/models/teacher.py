@@ -219,7 +219,7 @@ class FrozenTeacher(nn.Module):
         self.folded_batchnorms = fold_batchnorm(self.model) if lean else 0
         self.memory_format = torch.channels_last if lean else torch.contiguous_format
         self.precision = precision
-        self.compile = compile
+        self.compiles = compile  # not `compile`: that is nn.Module.compile()
         self._prepared_for: torch.device | None = None
         self._resolved_precision = resolve_precision(precision, torch.device("cpu"))
         self._forward = self.model.__call__  # a function, not a second registered module (state-dict keys)
@@ -261,10 +261,10 @@ class FrozenTeacher(nn.Module):
         self.to(device)
         self.model.to(dtype=PRECISIONS[resolved], memory_format=self.memory_format)
         self._resolved_precision = resolved
-        self._forward = torch.compile(self.model.__call__) if self.compile else self.model.__call__
+        self._forward = torch.compile(self.model.__call__) if self.compiles else self.model.__call__
         self._prepared_for = device
         log.info("teacher %s on %s: %s, %s, %d BatchNorm folded%s", self.architecture, device.type, resolved,
-                 self.memory_format, self.folded_batchnorms, ", compiled" if self.compile else "")
+                 self.memory_format, self.folded_batchnorms, ", compiled" if self.compiles else "")
 
     def forward(self, x: Tensor) -> Tensor:
         """fp32 logits of the (resized, re-normalised) images, in the data's class order."""
