@@ -12,7 +12,7 @@ is warm-up (kernel selection, compilation). The teacher is a random-weight ``reg
 Each row's img/s is also given as a ratio to the no-distillation row, and the teacher's share of a distilled
 step as ``1 - distilled img/s / plain img/s``.
 
-    python scripts/benchmark_teacher.py                                  # CPU: rows above, precisions auto,fp32
+    python scripts/benchmark_teacher.py --repeats 3                      # CPU: rows above, precisions auto,fp32
     python scripts/benchmark_teacher.py --precisions auto,fp32,bf16 --device gpu --model deit_small --batch-size 128
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,9 +52,8 @@ def rows(precisions: list[str], compile_precision: str | None) -> list[Row]:
     return table
 
 
-def run(row: Row, common: list[str], teacher_file: Path, out: Path) -> float:
+def run(row: Row, common: list[str], teacher_file: Path, run_dir: Path) -> float:
     """img/s of the row's last epoch, through the CLI."""
-    run_dir = out / row.name.replace(" ", "_").replace("+", "plus")
     args = [*row.overrides, *common, f"hydra.run.dir={run_dir}"]
     if row.distilled:
         args.append(f"teacher.checkpoint={teacher_file}")
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--compile-precision", default="auto", help="precision of the compiled row ('' for none)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"], help="trainer=cpu|gpu")
     parser.add_argument("--student-precision", default=None, help="trainer.precision (default: the trainer's)")
+    parser.add_argument("--repeats", type=int, default=1, help="rounds over all rows (interleaved); median per row")
     parser.add_argument("--out", default="benchmark_teacher", help="JSON, markdown and run directories go here")
     args = parser.parse_args()
 
@@ -103,18 +104,24 @@ def main() -> None:
         teacher_file = Path(tmp) / "regnety_160.pth"
         torch.manual_seed(0)
         torch.save(timm.create_model("regnety_160").state_dict(), teacher_file)
-        table, results = rows(args.precisions.split(","), args.compile_precision or None), []
-        for row in table:
-            img_s = run(row, common, teacher_file, out)
-            results.append({"name": row.name, "img_s": round(img_s, 3)})
-            print(f"{row.name}: {img_s:.2f} img/s", flush=True)
-    plain = results[0]["img_s"]
+        table = rows(args.precisions.split(","), args.compile_precision or None)
+        # rounds over all rows rather than one row at a time: a load change on the machine hits every row alike
+        measured: dict[str, list[float]] = {row.name: [] for row in table}
+        for round_ in range(args.repeats):
+            for row in table:
+                run_dir = out / f"{row.name.replace(' ', '_').replace('+', 'plus')}_{round_}"
+                measured[row.name].append(run(row, common, teacher_file, run_dir))
+                print(f"{row.name}: {measured[row.name][-1]:.2f} img/s", flush=True)
+        results = [{"name": row.name, "img_s": round(statistics.median(measured[row.name]), 3),
+                    "runs": [round(v, 3) for v in measured[row.name]]} for row in table]
+    baseline = results[0]["img_s"]  # no distillation
     for r, row in zip(results, table):
-        r["ratio"] = round(r["img_s"] / plain, 3)
-        r["teacher_share"] = round(1 - r["img_s"] / plain, 3) if row.distilled else None
+        r["ratio"] = round(r["img_s"] / baseline, 3)
+        r["teacher_share"] = round(1 - r["img_s"] / baseline, 3) if row.distilled else None
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU, {torch.get_num_threads()} threads"
     report = {"setup": f"{args.model} student @{args.image_size}, regnety_160 teacher (random weights), "
-                       f"batch {args.batch_size}, data=fake, {args.steps} timed steps, {device}, torch {torch.__version__}",
+                       f"batch {args.batch_size}, data=fake, {args.steps} timed steps x {args.repeats}, {device}, "
+                       f"torch {torch.__version__}",
               "rows": results}
     (out / "benchmark_teacher.json").write_text(json.dumps(report, indent=2))
     (out / "benchmark_teacher.md").write_text(markdown(report))
