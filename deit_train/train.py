@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
@@ -29,6 +30,7 @@ from deit_train.loggers import log_run_config
 from deit_train.logit_cache import TeacherLogitCache
 from deit_train.loss_curve import plot_loss_curve
 from deit_train.models.checkpoint import read_state_dict
+from deit_train.models.teacher import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.options import check_options, check_paths
 from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
@@ -53,6 +55,8 @@ def train(cfg: DictConfig) -> dict:
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     check_paths(cfg)
     L.seed_everything(cfg.seed, workers=True)
+    if torch.cuda.is_available():  # TF32 matmuls on Ampere+ (CPU matmuls are left exact)
+        torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
     datamodule = instantiate(cfg.data)
     if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
         with open_dict(cfg):
@@ -130,7 +134,7 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     """Train the teacher first with experiment ``cfg.teacher_recipe`` when its checkpoint is missing.
 
     The quickstart's digits teacher is made by this same framework and cached at ``teacher.checkpoint``
-    (weights only), so later runs reuse it.
+    (weights and identity: architecture, normalisation, resolution, class names), so later runs reuse it.
     """
     recipe, teacher = cfg.get("teacher_recipe"), cfg.get("teacher")
     if not recipe or not teacher or not teacher.get("checkpoint") or Path(teacher.checkpoint).is_file():
@@ -151,7 +155,7 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     subset = ([f"data.train_fraction={cfg.data.train_fraction}", f"data.split_seed={cfg.data.split_seed}"]
               if cfg.data.get("train_fraction", 1.0) != 1.0 else [])
     results = train(compose_stage(cfg, [f"experiment={recipe}", *subset], Path(cfg.paths.output_dir) / "teacher"))
-    atomic_torch_save(read_state_dict(results["best_checkpoint"]), target)
+    atomic_torch_save(teacher_file(results["best_checkpoint"]), target)
     log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
 
 

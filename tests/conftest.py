@@ -18,11 +18,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def digits_teacher_file(tmp_path_factory) -> Path:
-    """An (untrained) regnetx_002 with 10 classes saved as a plain state dict: a stand-in teacher file."""
+    """An (untrained) regnetx_002 with 10 classes saved as a plain state dict: a stand-in teacher file.
+
+    It recognises nothing, so runs with it pass ``teacher.min_val_top1=0`` (the teacher sanity check stops them)."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teacher") / "regnetx_002_digits.pth"
     torch.save(timm.create_model("regnetx_002", num_classes=10).state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def spread_teacher_net():
+    """A regnetx_002 with 10 classes in eval mode whose logits span a few units (an untrained head gives ~0.02,
+    where rounding alone would flip argmaxes): for comparing teacher forwards."""
+    torch.manual_seed(0)
+    net = timm.create_model("regnetx_002", num_classes=10).eval()
+    with torch.no_grad():
+        net.head.fc.weight.mul_(200)
+    return net
 
 
 def compose_config(overrides: list[str], output_dir: Path):

@@ -103,7 +103,7 @@ def test_eval_resize_follows_crop_pct():
 
 
 def test_teacher_sees_the_mixed_images(tmp_path, digits_teacher_file):
-    cfg = compose_config(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}",
+    cfg = compose_config(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
                           *FAST_DIGITS], tmp_path)
     assert cfg.data.augment is True  # the digits keep their own jitter (no flips) under any real recipe
     datamodule = instantiate(cfg.data)
@@ -128,7 +128,7 @@ def test_digits_recipes_keep_their_own_augmentation(tmp_path):
 
 
 def test_a_digits_run_with_the_deit_recipe(tmp_path, digits_teacher_file):
-    proc = run_cli(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}",
+    proc = run_cli(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
                     "trainer.max_epochs=1", *FAST_DIGITS], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())

@@ -146,7 +146,7 @@ def _sbatch_train(env, tmp_path, run_dir: Path, *args) -> str:
 
 def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_file):
     run_dir, epochs = tmp_path / "run", 10
-    args = [f"teacher.checkpoint={digits_teacher_file}", f"trainer.max_epochs={epochs}"]
+    args = [f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", f"trainer.max_epochs={epochs}"]
     job = _sbatch_train(slurm, tmp_path, run_dir, *args)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait(lambda: _ckpt_epoch(last) >= 1, 240, "two finished epochs")  # epoch index 1 done -> 2 epochs
@@ -184,7 +184,7 @@ def test_srun_two_task_ddp_on_cpu(slurm, tmp_path, digits_teacher_file):
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         ["srun", "--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", sys.executable, "-m", "deit_train", *TINY,
-         f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=1", "strategy=ddp_cpu",
+         f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1", "strategy=ddp_cpu",
          "trainer.devices=2", f"hydra.run.dir={run_dir}"],
         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -205,7 +205,7 @@ def test_submitit_sweep_runs_each_job_in_its_own_dir(slurm, tmp_path, digits_tea
     proc = subprocess.run(
         [sys.executable, "-m", "deit_train", "-m", "hydra/launcher=slurm_cpu", f"hydra.sweep.dir={sweep_dir}",
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
-         *TINY, f"teacher.checkpoint={digits_teacher_file}", "trainer.max_epochs=1", "distill=none,hard"],
+         *TINY, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1", "distill=none,hard"],
         cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # this cluster has no accounting: one line about sacct instead of three per poll

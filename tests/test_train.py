@@ -10,8 +10,8 @@ from conftest import FAST_DIGITS, compose_config, run_cli
 
 
 def _quick(tmp_path, teacher_file, *extra, name="run"):
-    args = ["experiment=quickstart", f"teacher.checkpoint={teacher_file}", "trainer.max_epochs=1", *FAST_DIGITS,
-            *extra]
+    args = ["experiment=quickstart", f"teacher.checkpoint={teacher_file}", "teacher.min_val_top1=0",
+            "trainer.max_epochs=1", *FAST_DIGITS, *extra]
     return run_cli(args, tmp_path / name, tmp_path / "cache")
 
 
@@ -64,12 +64,17 @@ def test_same_seed_same_result(tmp_path, digits_teacher_file):
 
 def test_quickstart_trains_its_teacher_on_first_use_then_reuses_it(tmp_path):
     tiny = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "model.hidden_size=48", "model.num_hidden_layers=1"]
+            "trainer.limit_test_batches=1", "model.hidden_size=48", "model.num_hidden_layers=1",
+            "teacher.min_val_top1=0"]  # a 2-batch teacher recognises nothing yet
     first = run_cli(["experiment=quickstart", *tiny], tmp_path / "first", tmp_path / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
     cached = tmp_path / "cache" / "teachers" / "regnetx_002_digits.pth"
     assert cached.is_file() and (tmp_path / "first" / "teacher" / "results.json").is_file()
-    assert "head.fc.weight" in torch.load(cached, weights_only=True)  # a plain state dict of the RegNet
+    cached_file = torch.load(cached, weights_only=True)  # the RegNet's weights and its identity
+    assert "head.fc.weight" in cached_file["state_dict"]
+    assert cached_file["deit_train_teacher"] == {"architecture": "regnetx_002", "mean": (0.5, 0.5, 0.5),
+                                                 "std": (0.5, 0.5, 0.5), "image_size": 32, "interpolation": None,
+                                                 "class_names": [str(i) for i in range(10)]}
     second = run_cli(["experiment=quickstart", *tiny], tmp_path / "second", tmp_path / "cache")
     assert second.returncode == 0, second.stderr[-3000:]
     assert not (tmp_path / "second" / "teacher").exists()
@@ -86,7 +91,7 @@ def test_quickstart_trains_its_teacher_on_first_use_then_reuses_it(tmp_path):
 ])
 def test_bad_input_is_one_clear_line(tmp_path, digits_teacher_file, args, message):
     if not any(a.startswith("teacher.checkpoint=") for a in args):  # no teacher bootstrap before the error
-        args = [*args, f"teacher.checkpoint={digits_teacher_file}"]
+        args = [*args, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0"]
     proc = run_cli(args, tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 2
     lines = [line for line in proc.stderr.splitlines() if line.strip() and "Warning" not in line]

@@ -1,84 +1,244 @@
-"""The frozen teacher: a timm classifier (RegNetY-160 in the paper) that never trains."""
+"""The frozen teacher: a timm classifier (RegNetY-160 in the paper) that never trains, run lean.
+
+Lean means: BatchNorm folded into the convolutions once at load (exact for a frozen network up to rounding),
+weights and inputs in ``channels_last``, forward under ``torch.inference_mode()`` in its own precision
+(``teacher.precision``, independent of the student's ``trainer.precision``), optionally ``torch.compile``d;
+its logits reach the loss in fp32 whatever it ran in.
+
+The teacher's identity travels with its file (:func:`teacher_file`): architecture, normalisation,
+input resolution and interpolation, class names in label order. The teacher uses them whatever the data config
+says; an explicit ``teacher.mean/std/image_size`` still wins.
+"""
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import BatchNormAct2d, ConvNormAct
 from torch import Tensor, nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from deit_train.errors import ConfigError
 from deit_train.models.checkpoint import read_state_dict
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+CLASS_ORDERS = ("strict", "match")
+# Key of the identity in a teacher file written by this framework (a dict next to ``state_dict``).
+IDENTITY_KEY = "deit_train_teacher"
+# Where a Lightning checkpoint of this project keeps its resolved model/data configs and class names.
+_RUN_CONFIG_KEY = "deit_train"
+
+
+@dataclass
+class TeacherIdentity:
+    """What a teacher expects of its input and what its outputs mean; ``None`` = unknown."""
+
+    architecture: str | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    image_size: int | None = None
+    interpolation: str | None = None
+    class_names: list[str] | None = None
+
+
+def teacher_file(checkpoint: str | Path) -> dict:
+    """A teacher file from a checkpoint of this project: its weights and identity, read back by FrozenTeacher."""
+    return {"state_dict": read_state_dict(checkpoint), IDENTITY_KEY: asdict(read_teacher_identity(checkpoint))}
+
+
+def read_teacher_identity(path: str | Path) -> TeacherIdentity:
+    """The identity stored in a teacher file: ours (``IDENTITY_KEY``), a Lightning checkpoint of this project
+    (its stored model/data config), or safetensors metadata; empty for plain state dicts and foreign files."""
+    path = Path(path).expanduser()
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            meta = (handle.metadata() or {}).get(IDENTITY_KEY)
+        return TeacherIdentity(**json.loads(meta)) if meta else TeacherIdentity()
+    if not path.is_file():
+        return TeacherIdentity()
+    try:  # mmap: the weights are not read a second time
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception:  # a legacy (non-zip) file cannot be mmapped; read_state_dict has already read it
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict):
+        return TeacherIdentity()
+    if isinstance(checkpoint.get(IDENTITY_KEY), dict):
+        return TeacherIdentity(**checkpoint[IDENTITY_KEY])
+    stored = checkpoint.get(_RUN_CONFIG_KEY)
+    if isinstance(stored, dict) and "model" in stored and "data" in stored:
+        model, data = stored["model"], stored["data"]
+        return TeacherIdentity(architecture=model.get("name") or model.get("model_name"),
+                               mean=tuple(data["mean"]) if "mean" in data else None,
+                               std=tuple(data["std"]) if "std" in data else None,
+                               image_size=data.get("image_size"), interpolation=data.get("interpolation"),
+                               class_names=stored.get("class_names"))
+    return TeacherIdentity()
+
+
+def fold_batchnorm(model: nn.Module) -> int:
+    """Fold every timm ``ConvNormAct``'s BatchNorm into its convolution (eval statistics); returns how many.
+
+    ``BatchNormAct2d`` keeps its activation (and drop) after the fold.
+    """
+    folded = 0
+    for module in model.modules():
+        if isinstance(module, ConvNormAct) and isinstance(module.conv, nn.Conv2d) \
+                and isinstance(module.bn, nn.BatchNorm2d) and module.bn.track_running_stats:
+            module.conv = fuse_conv_bn_eval(module.conv.eval(), module.bn.eval())
+            module.bn = nn.Sequential(module.bn.drop, module.bn.act) if isinstance(module.bn, BatchNormAct2d) \
+                else nn.Identity()
+            folded += 1
+    return folded
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 in hardware: a CUDA GPU with bf16 (Ampere+), a CPU with AVX512-BF16 or AMX."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def device_runs(precision: str, device: torch.device) -> bool:
+    """Whether ``device`` computes ``precision`` at all (a CPU emulates bf16/fp16; old GPUs have no bf16)."""
+    if precision == "bf16" and device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return True
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> bf16 where the device runs it fast, else fp32; an explicit choice is checked."""
+    if precision == "auto":
+        return "bf16" if bf16_is_fast(device) else "fp32"
+    if not device_runs(precision, device):
+        raise ConfigError(f"teacher.precision={precision}: this {device.type} device has no {precision}; "
+                          "use teacher.precision=auto (picks the fastest it has), fp32 or fp16")
+    return precision
+
 
 class FrozenTeacher(nn.Module):
-    """A timm model in eval mode for the whole run, without gradients, outside the optimizer.
+    """A timm model in eval mode for the whole run, without gradients, outside the optimizer, run lean.
 
-    ``trainer.fit`` calls ``.train()`` on the LightningModule; :meth:`train` refuses, so dropout stays off
-    and BatchNorm running statistics never change.
+    ``trainer.fit`` calls ``.train()`` on the LightningModule; :meth:`train` refuses, so dropout stays off.
 
     Args:
         model_name: timm architecture, e.g. ``regnety_160``.
         checkpoint: local weights (plain state dict, timm file, official DeiT teacher file with a ``model``
-            key, or a checkpoint of this project). The class count is read from the file.
-        pretrained: load timm hub weights instead (needs network access).
+            key, a teacher file or checkpoint of this project). The class count is read from the file.
+        pretrained: load timm hub weights instead (needs network access); ``true`` means the DeiT paper's
+            ``<model_name>.deit_in1k`` weights where timm has them, a string names the tag/weights.
         num_classes: class count when neither checkpoint nor hub weights say it (default 1000).
-        mean, std: the normalisation the teacher was trained with (default: its timm pretrained config).
+        mean, std: the normalisation the teacher was trained with (default: the teacher file's, else its timm
+            pretrained config: ImageNet's).
         input_mean, input_std: the normalisation of the images it receives (the student's); when they
             differ from ``mean``/``std`` the input is re-normalised.
+        image_size: the resolution the teacher sees; the student's batch is resized (antialiased) to it.
+            Default: the teacher file's (or the hub weights') training resolution, else the student's.
+        interpolation: resize mode (default: the teacher file's, else bicubic).
+        precision: ``auto`` (bf16 where the device runs it fast, else fp32), ``fp32``, ``bf16``, ``fp16``.
+        compile: ``torch.compile`` the teacher forward.
+        lean: fold BatchNorm and run ``channels_last`` (default); ``false`` runs the network as loaded, NCHW
+            (the pre-lean teacher, for benchmarks and debugging).
+        class_order: when teacher and data both know their class names and the order differs: ``strict``
+            stops, ``match`` reorders the teacher's outputs to the data's order.
+        min_val_top1: the teacher's top-1 on the first validation batches (Lightning's sanity check) must reach
+            this, else the run stops (default: twice chance).
     """
 
     def __init__(
         self,
         model_name: str,
         checkpoint: str | None = None,
-        pretrained: bool = False,
+        pretrained: bool | str = False,
         num_classes: int | None = None,
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         input_mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         input_std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        image_size: int | None = None,
+        interpolation: str | None = None,
+        precision: str = "auto",
+        compile: bool = False,
+        lean: bool = True,
+        class_order: str = "strict",
+        min_val_top1: float | None = None,
     ) -> None:
         super().__init__()
+        if precision not in ("auto", *PRECISIONS):
+            raise ConfigError(f"teacher.precision={precision} is not one of auto, {', '.join(PRECISIONS)}")
+        if class_order not in CLASS_ORDERS:
+            raise ConfigError(f"teacher.class_order={class_order} is not one of {', '.join(CLASS_ORDERS)}")
         if not checkpoint and not pretrained:
             raise ConfigError(
                 "teacher has no weights: set teacher.checkpoint=/path/to/teacher.pth (or teacher.pretrained=true online)"
             )
         state = read_state_dict(checkpoint) if checkpoint else None
-        self.model = timm.create_model(model_name, pretrained=pretrained and not checkpoint,
+        identity = read_teacher_identity(checkpoint) if checkpoint else TeacherIdentity()
+        hub_name = None
+        if pretrained and not checkpoint:
+            hub_name = pretrained if isinstance(pretrained, str) else _deit_weights(model_name)
+        self.model = timm.create_model(hub_name or model_name, pretrained=bool(hub_name),
                                        num_classes=num_classes or 1000)
         if state is not None:
-            self._load(state, checkpoint)
+            self._load(state, checkpoint, identity)
+        self.architecture = model_name
+        self.weights_sha256 = _state_sha256(state if state is not None else self.model.state_dict())
         self.model.requires_grad_(False)
+        self.model.eval()
         cfg = self.model.pretrained_cfg
-        mean = tuple(mean if mean is not None else cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        std = tuple(std if std is not None else cfg.get("std", IMAGENET_DEFAULT_STD))
+        self.mean = tuple(mean if mean is not None else identity.mean or cfg.get("mean", IMAGENET_DEFAULT_MEAN))
+        self.std = tuple(std if std is not None else identity.std or cfg.get("std", IMAGENET_DEFAULT_STD))
+        trained_size = identity.image_size or (cfg["input_size"][-1] if hub_name else None)
+        self.image_size = int(image_size or trained_size) if (image_size or trained_size) else None
+        self.interpolation = interpolation or identity.interpolation or "bicubic"
+        self.class_names = list(identity.class_names) if identity.class_names else None
+        self.class_order = class_order
+        self.min_val_top1 = min_val_top1
         input_mean, input_std = tuple(input_mean), tuple(input_std)
-        self.renormalise = (mean, std) != (tuple(input_mean), tuple(input_std))
+        self.renormalise = (self.mean, self.std) != (input_mean, input_std)
         # (x * s_in + m_in - m) / s  ==  x * scale + shift
-        scale = torch.tensor(input_std) / torch.tensor(std)
-        shift = (torch.tensor(input_mean) - torch.tensor(mean)) / torch.tensor(std)
+        scale = torch.tensor(input_std) / torch.tensor(self.std)
+        shift = (torch.tensor(input_mean) - torch.tensor(self.mean)) / torch.tensor(self.std)
         self.register_buffer("scale", scale.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("shift", shift.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("class_index", None, persistent=False)
+        self.num_parameters = sum(p.numel() for p in self.model.parameters())  # the network's, before folding
+        self.folded_batchnorms = fold_batchnorm(self.model) if lean else 0
+        self.memory_format = torch.channels_last if lean else torch.contiguous_format
+        self.precision = precision
+        self.compiles = compile  # not `compile`: that is nn.Module.compile()
+        self._prepared_for: torch.device | None = None
+        self._resolved_precision = resolve_precision(precision, torch.device("cpu"))
+        self._forward = self.model.__call__  # a function, not a second registered module (state-dict keys)
         super().train(False)
 
-    def _load(self, state: dict[str, Tensor], checkpoint: str) -> None:
+    def _load(self, state: dict[str, Tensor], checkpoint: str, identity: TeacherIdentity) -> None:
         head = f"{self.model.pretrained_cfg['classifier']}.weight"
-        if head not in state:
-            raise ConfigError(f"teacher.checkpoint={checkpoint} has no '{head}' for teacher.model_name="
-                              f"{self.model.pretrained_cfg.get('architecture')}: is it a checkpoint of that model?")
-        if state[head].shape[0] != self.num_classes:
+        if head in state and state[head].shape[0] != self.num_classes:
             self.model.reset_classifier(state[head].shape[0])
-        try:
-            self.model.load_state_dict(state)
-        except RuntimeError as exc:
-            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-            raise ConfigError(f"teacher.checkpoint={checkpoint} does not fit teacher.model_name: {first}") from exc
+        target = {k: v.shape for k, v in self.model.state_dict().items()}
+        missing = [k for k in target if k not in state]
+        unexpected = [k for k in state if k not in target]
+        mismatched = [k for k in state if k in target and state[k].shape != target[k]]
+        if missing or unexpected or mismatched:
+            raise ConfigError(f"teacher.checkpoint={checkpoint} does not fit teacher.model_name="
+                              f"{self.model.pretrained_cfg.get('architecture')}: {_few('missing', missing)}"
+                              f"{_few('unexpected', unexpected)}{_few('other-shape', mismatched)}"
+                              f"; {_suggest_architecture(state, identity)}")
+        self.model.load_state_dict(state)
 
     @property
     def num_classes(self) -> int:
@@ -87,18 +247,115 @@ class FrozenTeacher(nn.Module):
     def train(self, mode: bool = True) -> "FrozenTeacher":
         return super().train(False)
 
-    @torch.no_grad()
+    # ---- running lean -------------------------------------------------------------------------------
+    def prepare(self, device: torch.device | str) -> None:
+        """Place the teacher on ``device`` in its resolved precision and memory format, compiled if asked.
+        Runs once per device (the first forward calls it; the LightningModule calls it at setup to fail early)."""
+        device = torch.device(device)
+        if self._prepared_for == device:
+            return
+        resolved = resolve_precision(self.precision, device)
+        if resolved != "fp32" and device.type == "cpu" and not bf16_is_fast(device):
+            log.info("teacher.precision=%s is emulated on this CPU (no AVX512-BF16/AMX) and slower than fp32: "
+                     "teacher.precision=auto picks fp32 here", resolved)
+        self.to(device)
+        self.model.to(dtype=PRECISIONS[resolved], memory_format=self.memory_format)
+        self._resolved_precision = resolved
+        self._forward = torch.compile(self.model.__call__) if self.compiles else self.model.__call__
+        self._prepared_for = device
+        log.info("teacher %s on %s: %s, %s, %d BatchNorm folded%s", self.architecture, device.type, resolved,
+                 self.memory_format, self.folded_batchnorms, ", compiled" if self.compiles else "")
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.renormalise:
-            x = x * self.scale + self.shift
-        return self.model(x)
+        """fp32 logits of the (resized, re-normalised) images, in the data's class order."""
+        self.prepare(x.device)
+        with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.image_size is not None and tuple(x.shape[-2:]) != (self.image_size, self.image_size):
+                x = F.interpolate(x, size=(self.image_size, self.image_size), mode=self.interpolation,
+                                  antialias=self.interpolation in ("bilinear", "bicubic"), align_corners=False
+                                  if self.interpolation in ("bilinear", "bicubic") else None)
+            if self.renormalise:
+                x = x * self.scale + self.shift
+            x = x.to(dtype=PRECISIONS[self._resolved_precision], memory_format=self.memory_format)
+            logits = self._forward(x)
+            if self.class_index is not None:
+                logits = logits[:, self.class_index]
+        # a normal (not inference-mode) fp32 tensor: the loss may save it for the student's backward
+        return logits.to(torch.float32, copy=True)
+
+    # ---- identity ---------------------------------------------------------------------------------
+    def match_classes(self, data_classes: Sequence[str] | None) -> None:
+        """Check the teacher's class names against the data's (both in label order); reorder with
+        ``class_order=match``. Nothing to check when either side does not know its names."""
+        if not data_classes or not self.class_names:
+            return
+        teacher, data = [str(c) for c in self.class_names], [str(c) for c in data_classes]
+        if teacher == data:
+            return
+        if set(teacher) != set(data):
+            only_teacher = sorted(set(teacher) - set(data))[:3]
+            only_data = sorted(set(data) - set(teacher))[:3]
+            raise ConfigError(f"the teacher knows other classes than the data (teacher only: {only_teacher}, data "
+                              f"only: {only_data}): use a teacher trained on these classes (teacher.checkpoint=...)")
+        if self.class_order != "match":
+            raise ConfigError(f"the teacher's classes are in another order than the data's (teacher {teacher[:3]}..., "
+                              f"data {data[:3]}...): set teacher.class_order=match to reorder the teacher's outputs")
+        position = {name: i for i, name in enumerate(teacher)}
+        self.class_index = torch.tensor([position[name] for name in data], device=self.scale.device)
+
+    def check_val_top1(self, top1: float) -> None:
+        """Stop when the teacher does not recognise the validation images (threshold: ``min_val_top1``,
+        default twice chance)."""
+        threshold = self.min_val_top1 if self.min_val_top1 is not None else 2.0 / self.num_classes
+        log.info("teacher top-1 on the sanity-check validation batches: %.4f (teacher.min_val_top1=%.4f)", top1,
+                 threshold)
+        if top1 < threshold:
+            raise ConfigError(
+                f"the teacher does not recognise these images: top-1 {top1:.3f} on the first validation batches, "
+                f"below teacher.min_val_top1={threshold:.3f}; check its resolution (teacher.image_size="
+                f"{self.image_size or 'student'}), normalisation (teacher.mean/std={list(self.mean)}/{list(self.std)}) "
+                "and class order (teacher.class_order), or lower teacher.min_val_top1")
 
     def fingerprint(self) -> dict:
-        """What decides this teacher's outputs (the teacher-logit cache keys its entries by it)."""
-        digest = hashlib.sha256()
-        for name, tensor in sorted(self.model.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return {"architecture": self.model.pretrained_cfg.get("architecture"), "weights_sha256": digest.hexdigest(),
-                "precision": "fp32", "image_size": None,
-                "input_scale": self.scale.flatten().tolist(), "input_shift": self.shift.flatten().tolist()}
+        """What determines the teacher's logits for a given input batch (keys the teacher-logit cache)."""
+        return {"architecture": self.architecture, "weights_sha256": self.weights_sha256,
+                "precision": self._resolved_precision, "image_size": self.image_size,
+                "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
+                "class_order": None if self.class_index is None else self.class_index.tolist()}
+
+
+def _deit_weights(model_name: str) -> str:
+    """The DeiT paper's teacher weights for ``model_name`` where timm has them (``regnety_160.deit_in1k``)."""
+    tagged = f"{model_name}.deit_in1k"
+    return tagged if tagged in timm.list_pretrained(f"{model_name}.*") else model_name
+
+
+def _state_sha256(state: dict[str, Tensor]) -> str:
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _few(kind: str, keys: Sequence[str], shown: int = 3) -> str:
+    if not keys:
+        return ""
+    return f" {len(keys)} {kind} keys ({', '.join(keys[:shown])}{', ...' if len(keys) > shown else ''})"
+
+
+def _suggest_architecture(state: dict[str, Tensor], identity: TeacherIdentity) -> str:
+    """Which timm architecture the file looks like: from its identity when it is ours, else by trying the
+    small RegNets whose key layout fits (cheap to build)."""
+    if identity.architecture:
+        return f"the file is a {identity.architecture}: set teacher.model_name={identity.architecture}"
+    classes = next((v.shape[0] for k, v in state.items() if k.endswith("fc.weight")), 1000)
+    for name in ("regnetx_002", "regnety_160", "regnetx_004", "regnety_002", "regnety_004", "regnetx_160",
+                 "resnet50"):
+        with torch.device("meta"):
+            candidate = timm.create_model(name, num_classes=classes)
+        expected = {k: tuple(v.shape) for k, v in candidate.state_dict().items()}
+        if expected == {k: tuple(v.shape) for k, v in state.items()}:
+            return f"it looks like a {name}: set teacher.model_name={name}"
+    return "set teacher.model_name to the timm architecture the file was saved from"

@@ -31,6 +31,8 @@ class ClassificationModule(RecipeTrainedModule):
         mixup: a callable ``(images, targets) -> (images, soft_targets)`` such as ``timm.data.Mixup``;
             the teacher then sees the mixed images.
         ema_decay: keep a timm EMA of the student and evaluate it too (``val/top1_ema``).
+        compile: ``torch.compile`` the student's forward (the student module itself stays eager, so its
+            state-dict keys, EMA copy and exports are those of the plain network).
     """
 
     def __init__(
@@ -41,11 +43,17 @@ class ClassificationModule(RecipeTrainedModule):
         teacher: FrozenTeacher | None = None,
         mixup=None,
         ema_decay: float | None = None,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self._check(student, criterion, teacher)
         self.student = student
-        self.teacher = teacher if criterion.uses_teacher else None
+        # The frozen teacher is not a registered submodule (timm's distillation wraps only the student): DDP/FSDP
+        # never broadcast or shard it, precision plugins never cast it, checkpoints never store it (it has its own
+        # file); it places itself on the device in its own precision (setup, or its first forward).
+        object.__setattr__(self, "teacher", teacher if criterion.uses_teacher else None)
+        self.forward_heads = torch.compile(forward_heads) if compile else forward_heads
+        self._teacher_hits = torch.zeros(2)  # (correct, seen) of the teacher during the sanity check
         self.criterion = criterion
         self.optim = optim
         self.mixup = mixup
@@ -74,9 +82,14 @@ class ClassificationModule(RecipeTrainedModule):
             raise ConfigError(f"the teacher predicts {teacher.num_classes} classes but the data has "
                               f"{student.num_classes}: use a teacher trained on this data set (teacher.checkpoint=...)")
 
+    def setup(self, stage: str) -> None:
+        if self.teacher is not None:  # fail before training on a precision the device lacks or other classes
+            self.teacher.prepare(self.trainer.strategy.root_device)
+            self.teacher.match_classes(getattr(self.trainer.datamodule, "classes", None))
+
     def forward(self, images: Tensor) -> Tensor:
         """The prediction: class logits, averaged with the distillation head when there is one."""
-        cls, dist = forward_heads(self.student, images)
+        cls, dist = self.forward_heads(self.student, images)
         return cls if dist is None else (cls + dist) / 2
 
     # ---- training -------------------------------------------------------------------------------
@@ -89,7 +102,7 @@ class ClassificationModule(RecipeTrainedModule):
             images, target = self.mixup(images, target)
         teacher = self.teacher_cache if self.teacher_cache is not None else self.teacher
         teacher_logits = teacher(images) if self.teacher is not None else None
-        cls, dist = forward_heads(self.student, images)
+        cls, dist = self.forward_heads(self.student, images)
         loss = self.criterion(cls, target, dist, teacher_logits)
         check_finite(self, loss, lambda: {"class head logits": cls, "distillation head logits": dist,
                                               "teacher logits": teacher_logits})
@@ -111,8 +124,10 @@ class ClassificationModule(RecipeTrainedModule):
     def _evaluate(self, metrics: EvalMetrics, student: nn.Module, batch, with_loss: bool) -> None:
         images, target = batch
         teacher_logits = self.teacher(images) if (self.teacher is not None and metrics.teacher is not None) else None
-        cls, dist = forward_heads(student, images)
+        cls, dist = self.forward_heads(student, images)
         metrics.update(target, cls, dist, teacher_logits)
+        if teacher_logits is not None and self.trainer.sanity_checking:
+            self._teacher_hits += torch.tensor([(teacher_logits.argmax(-1) == target).sum().item(), len(target)])
         if with_loss:  # _check guarantees the teacher logits and dist head exactly when the criterion distils
             loss = self.criterion(cls, target, dist, teacher_logits)
             self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
@@ -128,17 +143,15 @@ class ClassificationModule(RecipeTrainedModule):
         if self.ema is not None:
             self._evaluate(self.ema_metrics, self.ema.module, batch, with_loss=False)
 
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking and self._teacher_hits[1] > 0:  # the teacher must know these images
+            correct, seen = self.trainer.strategy.reduce(self._teacher_hits.to(self.device), reduce_op="sum").tolist()
+            self._teacher_hits.zero_()
+            self.teacher.check_val_top1(correct / seen)
+
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["test"], self.student, batch, with_loss=True)
 
     def parameter_counts(self) -> dict[str, int]:
-        teacher = sum(p.numel() for p in self.teacher.parameters()) if self.teacher is not None else 0
+        teacher = self.teacher.num_parameters if self.teacher is not None else 0
         return {**super().parameter_counts(), "params/teacher": teacher}
-
-    # ---- checkpoints: the teacher is loaded from its own file, not stored in every checkpoint ---------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self.teacher is not None:
-            checkpoint["state_dict"].update({f"teacher.{k}": v for k, v in self.teacher.state_dict().items()})

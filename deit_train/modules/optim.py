@@ -103,6 +103,13 @@ class OptimRecipe:
                     f"global batch {global_batch} / optim.reference_batch={self.reference_batch}), so the schedule "
                     f"would rise: lower optim.{option} or raise optim.base_lr or the batch size")
 
+    def kernel_options(self, model: nn.Module) -> dict:
+        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math."""
+        if self.name.lower() not in ("adamw", "adam"):
+            return {}
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        return {"fused": True} if on_cuda else {"foreach": True}
+
     def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int):
         self.check(global_batch)
         params = model
@@ -113,7 +120,7 @@ class OptimRecipe:
             params = layer_decay_param_groups(model, self.weight_decay, self.layer_decay)
         optimizer = create_optimizer_v2(
             params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps,
+            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model),
         )
         warmup_lr, min_lr = self.bounds(global_batch)
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
