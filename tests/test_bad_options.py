@@ -24,7 +24,7 @@ def bad_files(tmp_path_factory, digits_teacher_file):
 
 
 def _cfg(tmp_path, *overrides, teacher=None):
-    teacher = [f"teacher.checkpoint={teacher}"] if teacher else []
+    teacher = [f"teacher.checkpoint={teacher}", "teacher.min_val_top1=0"] if teacher else []
     return compose_config(["experiment=quickstart", *FAST_DIGITS, *teacher, *overrides], tmp_path / "run")
 
 
@@ -81,7 +81,7 @@ def test_tool_options_given_text_for_a_number_are_named():
     (["optim.base_lr=fast"], "error: optim.base_lr='fast' is not a number (the config's default is 0.016): pass a number"),
 ])
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, digits_teacher_file, args, line):
-    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", *args], tmp_path / "run",
+    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", *args], tmp_path / "run",
                    tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line

@@ -65,7 +65,7 @@ def test_lightning_debug_flags_without_plus_and_debug_configs(tmp_path):
 
 def test_debug_limit_runs_short_epochs(tmp_path, digits_teacher_file):
     overrides = [o for o in FAST_DIGITS if not o.startswith("trainer.limit_")]
-    cfg = compose_config(["experiment=quickstart", "debug=limit", f"teacher.checkpoint={digits_teacher_file}",
+    cfg = compose_config(["experiment=quickstart", "debug=limit", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
                           *overrides, "trainer.enable_progress_bar=false", "trainer.max_epochs=1",
                           "trainer.detect_anomaly=false"], tmp_path)  # 1 of its 3 epochs; anomaly checks are slow
     assert compose_config(["debug=limit"], tmp_path).trainer.max_epochs == 3
@@ -101,7 +101,7 @@ def test_threads_follow_slurm_cpus_per_task(monkeypatch):
 
 
 def test_debug_fdr_runs_one_batch_and_writes_no_checkpoint(tmp_path, digits_teacher_file):
-    cfg = compose_config(["experiment=quickstart", "debug=fdr", f"teacher.checkpoint={digits_teacher_file}",
+    cfg = compose_config(["experiment=quickstart", "debug=fdr", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
                           *FAST_DIGITS, "trainer.enable_progress_bar=false"], tmp_path)
     results = train(cfg)
     assert "test/top1" in results and results["best_checkpoint"] == ""  # Lightning's fast dev run saves nothing

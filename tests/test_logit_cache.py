@@ -50,7 +50,7 @@ def teacher_calls(monkeypatch):
 
 
 def _config(tmp_path, name, teacher_file, *extra):
-    return compose_config([*SHORT, f"teacher.checkpoint={teacher_file}", *extra], tmp_path / name)
+    return compose_config([*SHORT, f"teacher.checkpoint={teacher_file}", "teacher.min_val_top1=0", *extra], tmp_path / name)
 
 
 def _run(tmp_path, name, teacher_file, *extra) -> tuple[list[float], dict]:
@@ -230,7 +230,7 @@ def test_teacher_only_pass_writes_the_training_runs_shards_and_resumes(tmp_path,
 
 def test_teacher_only_pass_cli(tmp_path, digits_teacher_file):
     args = [sys.executable, "-m", "deit_train.teacher_cache", "experiment=quickstart",
-            f"teacher.checkpoint={digits_teacher_file}", *FAST_DIGITS, "trainer.max_epochs=1",
+            f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", *FAST_DIGITS, "trainer.max_epochs=1",
             "trainer.limit_train_batches=1", f"hydra.run.dir={tmp_path / 'run'}",
             f"teacher.cache_dir={tmp_path / 'cache'}"]
     proc = subprocess.run(args, cwd=ROOT, env={**os.environ, "PYTHONWARNINGS": "ignore"}, capture_output=True,

@@ -34,7 +34,7 @@ def test_ema_updates_once_per_optimizer_step_with_gradient_accumulation(tmp_path
 
 
 def test_val_ce_is_the_plain_cross_entropy_of_the_averaged_prediction(tmp_path, digits_teacher_file):
-    module, data = _module_and_data(tmp_path, f"teacher.checkpoint={digits_teacher_file}")
+    module, data = _module_and_data(tmp_path, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0")
     metrics = _trainer(limit_val_batches=2).validate(module, data, verbose=False)[0]
     module.eval()
     with torch.no_grad():

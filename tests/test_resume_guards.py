@@ -19,7 +19,7 @@ PEAK, MIN_LR, STEPS_PER_EPOCH = 1.6e-2 * 16 / 512, 1e-5, 4
 
 
 def _args(teacher, *extra):
-    return ["experiment=quickstart", f"teacher.checkpoint={teacher}", "trainer.max_epochs=1", *FAST_DIGITS,
+    return ["experiment=quickstart", f"teacher.checkpoint={teacher}", "teacher.min_val_top1=0", "trainer.max_epochs=1", *FAST_DIGITS,
             "optim.warmup_epochs=0", "trainer.log_every_n_steps=1", *extra]
 
 

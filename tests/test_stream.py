@@ -118,7 +118,7 @@ def _val_rows(run_dir) -> list[dict]:
 
 def test_resume_from_last_checkpoint_ends_like_the_uninterrupted_run(tmp_path, digits_teacher_file, monkeypatch):
     overrides = [*(a for a in FAST_DIGITS if not a.startswith(("trainer.limit_train", "trainer.limit_val"))),
-                 "experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "augment=deit",
+                 "experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "augment=deit",
                  "module.ema_decay=0.9", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
                  "trainer.deterministic=true", "trainer.enable_progress_bar=false"]
@@ -175,7 +175,7 @@ class RecordStepDraws(Callback):
 
 
 def test_two_gloo_ranks_draw_their_own_mixup_and_masks(tmp_path, digits_teacher_file):
-    args = ["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}",
+    args = ["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
             *(a for a in FAST_DIGITS if not a.startswith("trainer.limit_train")), "trainer.limit_train_batches=2",
             "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "test=false", "strategy=ddp_cpu",
             "trainer.devices=2", "trainer.enable_progress_bar=false",
