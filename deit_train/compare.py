@@ -475,7 +475,8 @@ def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGr
     """Runs whose configs differ only in ``seed`` form a group; ``group_by`` (config keys such as
     ``distill.distill_type``) groups by those values instead. Groups keep the order of their first run."""
     flat = [_flatten(r.config) for r in runs]
-    keys = group_by or [k for k in config_differences(runs) if k != "seed"]
+    # data.seed is the run's seed handed to the data stream (${seed}), not a setting of its own
+    keys = group_by or [k for k in config_differences(runs) if k not in ("seed", "data.seed")]
     groups: dict[tuple, RunGroup] = {}
     for run, config in zip(runs, flat):
         values = tuple(_text(config.get(k)) for k in keys)

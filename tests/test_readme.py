@@ -80,6 +80,22 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python -m deit_train.benchmark models=[deit_tiny,deit_small] batch_sizes=[64] precisions=[fp32,bf16,fp16] "
     "attention=[sdpa,eager]": ("options", "a GPU benchmark: tests/test_benchmark.py runs it small"),
     "python scripts/benchmark_step.py": ("elsewhere", "test_benchmark.py"),
+    "python scripts/benchmark_teacher.py": ("not run", "a timed benchmark of full-size models"),
+    "python scripts/benchmark_cache.py": ("not run", "a timed benchmark of full-size models"),
+    "python -m deit_train -m experiment=quickstart distill=none,soft,hard seed=0,1,2 hydra.sweep.dir=multirun/tab3_token":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
+    "python -m deit_train -m experiment=quickstart model.distilled=false distill=soft,hard seed=0,1,2 "
+    "hydra.sweep.dir=multirun/tab3_cls": ("elsewhere", "test_losses.py"),
+    "python scripts/compare_runs.py multirun/tab3_token multirun/tab3_cls --baseline distill=none --out tab3.png":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
+    "python -m deit_train -m experiment=quickstart distill=none,hard data.train_fraction=0.1,0.25,1.0 seed=0,1,2 "
+    "hydra.sweep.dir=multirun/efficiency": ("elsewhere", "test_subset.py"),
+    "python scripts/compare_runs.py multirun/efficiency --baseline distill=none":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
+    "python -m deit_train.eval ckpt=<run>/checkpoints/<name>.ckpt [split=test|val] [data.root=...] [out=metrics.json]":
+        ("elsewhere", "test_resume_guards.py::test_eval_reproduces_the_runs_own_test_metrics"),
+    "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
+        ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
 }
 

@@ -29,7 +29,7 @@ FAKE = ["data=fake", "augment=deit", "trainer=cpu", "data.num_classes=10", "data
         "data.source_size=[24,24]", "data.batch_size=8", "data.num_workers=0", "model.image_size=16",
         "model.patch_size=4", "model.num_attention_heads=2", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
         "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
-        "test=false"]
+        "test=false", "optim.min_lr=1e-6"]
 TINY_STUDENT = ["model=deit_tiny", "model.hidden_size=32", "model.num_hidden_layers=1"]
 SMALL_STUDENT = ["model=deit_small", "model.hidden_size=48", "model.num_hidden_layers=2"]
 

@@ -44,7 +44,7 @@ def test_digits_train_split_shrinks_and_val_test_stay_whole():
 def test_bootstrapped_teacher_learns_from_the_subset_and_is_cached_under_its_key(tmp_path):
     cfg = compose_config(["experiment=quickstart", "data.train_fraction=0.2"], tmp_path / "cfg")
     assert cfg.teacher.checkpoint.endswith("teachers/regnetx_002_digits_train0.2_seed0.pth")
-    tiny = ["trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
+    tiny = ["teacher.min_val_top1=0", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
             "trainer.limit_test_batches=1", "model.hidden_size=48", "model.num_hidden_layers=1"]
     proc = run_cli(["experiment=quickstart", "data.train_fraction=0.2", *tiny], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]

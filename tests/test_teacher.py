@@ -33,7 +33,7 @@ def test_teacher_weights_unchanged_by_training(digits_teacher_file):
     # every BatchNorm was folded at load, so no running statistics are left to drift
     assert teacher.folded_batchnorms == 44 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = ClassificationModule(_student(), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0),
+    module = ClassificationModule(_student(), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0, min_lr=1e-6),
                                   teacher=teacher)
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,

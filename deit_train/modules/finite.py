@@ -22,8 +22,9 @@ def check_finite(module: L.LightningModule, loss: Tensor, terms: Callable[[], Ma
     """Raise :class:`NonFiniteLossError` when ``loss`` is not finite. ``terms`` (called only then) maps each
     input of the loss to its tensor; the message names those that are not finite."""
     finite = bool(torch.isfinite(loss.detach()).all())
-    if module.trainer.world_size > 1:  # every rank stops together, none waits in the next all-reduce
-        finite = not module.trainer.strategy.reduce_boolean_decision(not finite, all=False)
+    trainer = module._trainer  # None when a step is called outside a Trainer
+    if trainer is not None and trainer.world_size > 1:  # every rank stops together, none waits in the next all-reduce
+        finite = not trainer.strategy.reduce_boolean_decision(not finite, all=False)
     if finite:
         return
     bad = [name for name, tensor in terms().items() if tensor is not None and not bool(torch.isfinite(tensor).all())]
