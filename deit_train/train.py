@@ -79,10 +79,8 @@ def train(cfg: DictConfig) -> dict:
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
 
     results: dict = {"run_dir": str(output_dir)}
-    results.update(last_epoch_metrics(trainer.callback_metrics))
-    # the last validation epoch's disagreement table (paper Tab. 4) and token diagnostics
-    results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/disagree_")})
-    for callback in callbacks:
+    results.update(last_epoch_metrics(trainer.callback_metrics))  # incl. the val disagreement table (Tab. 4)
+    for callback in callbacks:  # the token diagnostics
         results.update(getattr(callback, "run_results", dict)())
     if cfg.get("test", True):
         best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""

@@ -54,7 +54,7 @@ def disagreement_table(results: dict):
     epoch); ``None`` when there is none."""
     from rich.table import Table
 
-    test, val = disagreement_matrix(results, "test"), disagreement_matrix(results, "val")
+    test, val = disagreement_matrix(results, "test"), disagreement_matrix(results, "last_epoch/val")
     present = [c for c in CLASSIFIERS if any(c in pair for pair in {**test, **val})]
     if not present:
         return None
