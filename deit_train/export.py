@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from deit_train.cli import run_main
 from deit_train.errors import ConfigError
-from deit_train.models.deit import forward_heads, is_distilled
+from deit_train.models.deit import average_heads, forward_heads, is_distilled
 from deit_train.models.hf_convert import HF_CLASSES, timm_to_hf
 from deit_train.trained_model import TrainedModel, load_trained_model
 
@@ -133,7 +133,7 @@ def ours_outputs(trained: TrainedModel, pixels: Tensor, mask: Tensor | None = No
         cls, dist = forward_heads(trained.model, pixels)
     if dist is None:
         return {"logits": cls}
-    return {"logits": (cls + dist) / 2, "cls_logits": cls, "distillation_logits": dist}
+    return {"logits": average_heads(cls, dist), "cls_logits": cls, "distillation_logits": dist}
 
 
 def hf_outputs(hf_model: nn.Module, hf_class: str, pixels: Tensor, mask: Tensor | None = None) -> dict[str, Tensor]:

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from deit_train.cli import run_main
 from deit_train.data.images import CorruptImageError, load_rgb
 from deit_train.errors import ConfigError
-from deit_train.models.deit import forward_heads
+from deit_train.models.deit import average_heads, forward_heads
 from deit_train.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.predict ckpt=<run_dir>/checkpoints/<name>.ckpt images=[a.png,b.png]|<folder>
@@ -179,7 +179,7 @@ def predict(ckpt: str | Path, images: str | Sequence[str], top_k_count: int = 5,
                 rollout = attention_rollout(maps, model.num_prefix_tokens).cpu()
             else:
                 cls, dist = forward_heads(model, pixels.to(device))
-        heads = {"prediction": cls if dist is None else (cls + dist) / 2}
+        heads = {"prediction": average_heads(cls, dist)}
         if dist is not None:
             heads.update(cls_head=cls, dist_head=dist)
         ranked = {name: top_k(logits.cpu(), trained.class_names, top_k_count) for name, logits in heads.items()}

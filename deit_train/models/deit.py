@@ -110,3 +110,9 @@ def forward_heads(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
         return model.forward_head(features), None
     cls_token, dist_token = model.head_drop(features[:, 0]), model.head_drop(features[:, 1])
     return model.head(cls_token), model.head_dist(dist_token)
+
+
+def average_heads(cls: Tensor, dist: Tensor | None) -> Tensor:
+    """The student's prediction: the class head, averaged with the distillation head when there is one (paper
+    Sec. 5: the two heads' softmax inputs are added at test time)."""
+    return cls if dist is None else (cls + dist) / 2

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
-from deit_train.models.deit import forward_heads, is_distilled
+from deit_train.models.deit import average_heads, forward_heads, is_distilled
 from deit_train.models.teacher import FrozenTeacher
 from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
@@ -89,8 +89,7 @@ class ClassificationModule(RecipeTrainedModule):
 
     def forward(self, images: Tensor) -> Tensor:
         """The prediction: class logits, averaged with the distillation head when there is one."""
-        cls, dist = self.forward_heads(self.student, images)
-        return cls if dist is None else (cls + dist) / 2
+        return average_heads(*self.forward_heads(self.student, images))
 
     # ---- training -------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
@@ -132,8 +131,7 @@ class ClassificationModule(RecipeTrainedModule):
             loss = self.criterion(cls, target, dist, teacher_logits)
             self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
             # the official evaluate(): plain cross-entropy of the prediction (heads averaged), beside the criterion
-            prediction = cls if dist is None else (cls + dist) / 2
-            self.log(f"{metrics.stage}/ce", F.cross_entropy(prediction, target), on_epoch=True,
+            self.log(f"{metrics.stage}/ce", F.cross_entropy(average_heads(cls, dist), target), on_epoch=True,
                      batch_size=len(images), sync_dist=True)
         for name, metric in metrics.loggable().items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")

@@ -5,6 +5,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from deit_train.models.deit import average_heads
 from deit_train.modules.disagreement import Disagreement, disagreement_pairs, metric_name
 
 
@@ -36,7 +37,7 @@ class EvalMetrics(nn.Module):
                                            disagreement_pairs(available + (("teacher",) if with_teacher else ()))})
 
     def update(self, target: Tensor, cls: Tensor, dist: Tensor | None, teacher: Tensor | None) -> None:
-        prediction = cls if dist is None else (cls + dist) / 2
+        prediction = average_heads(cls, dist)
         self.prediction.update(prediction, target)
         self.heads["cls"].update(cls, target)
         if dist is not None:
