@@ -477,6 +477,10 @@ def group_runs(runs: list[Run], group_by: list[str] | None = None) -> list[RunGr
     flat = [_flatten(r.config) for r in runs]
     # data.seed is the run's seed handed to the data stream (${seed}), not a setting of its own
     keys = group_by or [k for k in config_differences(runs) if k not in ("seed", "data.seed")]
+    if group_by and "task_name" not in keys and len({c.get("task_name") for c in flat}) > 1:
+        # runs of different experiments never share a group: a sweep's bootstrapped teacher (experiment
+        # quickstart_teacher, distill none) would otherwise count as one more seed of the students' distill=none
+        keys = [*keys, "task_name"]
     groups: dict[tuple, RunGroup] = {}
     for run, config in zip(runs, flat):
         values = tuple(_text(config.get(k)) for k in keys)

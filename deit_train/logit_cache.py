@@ -332,7 +332,8 @@ class TeacherLogitCache(Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.attach(pl_module.teacher, trainer.datamodule, trainer.world_size, report=trainer.is_global_zero)
-        log.info("teacher cache %s (k=%d %s)", self.entry.path, self.topk, self.dtype)
+        if trainer.is_global_zero:  # one entry for all ranks: said once
+            log.info("teacher cache %s (k=%d %s)", self.entry.path, self.topk, self.dtype)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.start_epoch(trainer.current_epoch, trainer.global_rank, int(trainer.num_training_batches),

@@ -42,6 +42,10 @@ log = logging.getLogger("deit_train")
 _RUN_OVERRIDE_PREFIXES = ("trainer.", "callbacks", "logger", "paths.")
 # ... except Lightning's debugging switches, which must not make the cached quickstart teacher (debug= is not inherited)
 _DEBUG_OVERRIDE_PREFIXES = ("trainer.fast_dev_run", "trainer.overfit_batches")
+# ... and how long it trains: the cached teacher is its recipe's, not a shortened run's (teacher_recipe_overrides
+# shortens it explicitly)
+_SCHEDULE_OVERRIDE_PREFIXES = ("trainer.max_epochs", "trainer.min_epochs", "trainer.max_steps", "trainer.min_steps",
+                               "trainer.max_time", "trainer.limit_", "trainer.accumulate_grad_batches")
 
 
 def train(cfg: DictConfig) -> dict:
@@ -148,19 +152,28 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     if debugging:  # compose_stage passes trainer.* overrides on: the cached teacher would be a debugging run
         raise ConfigError(f"{debugging[0]} would also train the teacher that teacher.checkpoint={target} caches: "
                           "use debug=fdr|overfit instead (the teacher is then trained in full, once)")
-    log.info("teacher checkpoint %s missing: training it first with experiment=%s", target, recipe)
+    own = list(cfg.get("teacher_recipe_overrides") or [])
+    log.info("teacher checkpoint %s missing: training it first with experiment=%s %s", target, recipe, " ".join(own))
+    schedule = [o for o in HydraConfig.get().overrides.task if o.startswith(_SCHEDULE_OVERRIDE_PREFIXES)]
+    if schedule:
+        log.info("the teacher trains on its recipe's schedule, not on %s (teacher_recipe_overrides=[...] changes it)",
+                 " ".join(schedule))
     # the teacher learns from the student's training subset, as the paper's teacher sees the student's data
     subset = ([f"data.train_fraction={cfg.data.train_fraction}", f"data.split_seed={cfg.data.split_seed}"]
               if cfg.data.get("train_fraction", 1.0) != 1.0 else [])
-    results = train(compose_stage(cfg, [f"experiment={recipe}", *subset], Path(cfg.paths.output_dir) / "teacher"))
+    results = train(compose_stage(cfg, [f"experiment={recipe}", *subset, *own], Path(cfg.paths.output_dir) / "teacher",
+                                  not_inherited=_SCHEDULE_OVERRIDE_PREFIXES))
     atomic_torch_save(teacher_file(results["best_checkpoint"]), target)
     log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
 
 
-def compose_stage(cfg: DictConfig, overrides: list[str], output_dir: Path) -> DictConfig:
+def compose_stage(cfg: DictConfig, overrides: list[str], output_dir: Path,
+                  not_inherited: tuple[str, ...] = ()) -> DictConfig:
     """The config of a sub-run in ``output_dir`` (a bootstrapped teacher, a stage): ``overrides`` on the root
-    config, plus the parent's seed and its command-line overrides about how to run (trainer, callbacks, ...)."""
-    inherited = [o for o in HydraConfig.get().overrides.task if o.startswith(_RUN_OVERRIDE_PREFIXES)]
+    config, plus the parent's seed and its command-line overrides about how to run (trainer, callbacks, ...)
+    except those starting with one of ``not_inherited``."""
+    inherited = [o for o in HydraConfig.get().overrides.task
+                 if o.startswith(_RUN_OVERRIDE_PREFIXES) and not o.startswith(not_inherited)]
     return hydra.compose(config_name="train", overrides=[
         f"seed={cfg.seed}", *overrides, *inherited, f"paths.output_dir={output_dir}"])
 

@@ -10,7 +10,8 @@ is warm-up (kernel selection, compilation). The teacher is a random-weight ``reg
     lean <precision> + compile
 
 Each row's img/s is also given as a ratio to the no-distillation row, and the teacher's share of a distilled
-step as ``1 - distilled img/s / plain img/s``.
+step as ``1 - distilled img/s / plain img/s``. The teacher's rate is its forward's FLOPs (counted) over the time it adds
+to a step; a ratio of 0.50 needs a teacher no slower than the plain step, i.e. the rate printed below the table.
 
     python scripts/benchmark_teacher.py --repeats 3                      # CPU: rows above, precisions auto,fp32
     python scripts/benchmark_teacher.py --precisions auto,fp32,bf16 --device gpu --model deit_small --batch-size 128
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import timm
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 @dataclass
@@ -66,12 +68,25 @@ def run(row: Row, common: list[str], teacher_file: Path, run_dir: Path) -> float
     return float(epochs[-1]["train/throughput"])
 
 
+def teacher_flops(batch_size: int, image_size: int) -> int:
+    """FLOPs (2 per multiply-add) of one regnety_160 forward of a batch, counted on the meta device."""
+    with torch.device("meta"):
+        net = timm.create_model("regnety_160")
+        images = torch.empty(batch_size, 3, image_size, image_size)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(images)
+    return counter.get_total_flops()
+
+
 def markdown(report: dict) -> str:
     lines = [f"{report['setup']}", "", "| row | img/s | ratio to no distillation | teacher share of the step |",
              "|---|---:|---:|---:|"]
     for r in report["rows"]:
         share = "" if r["teacher_share"] is None else f"{r['teacher_share']:.0%}"
         lines.append(f"| {r['name']} | {r['img_s']:.2f} | {r['ratio']:.2f} | {share} |")
+    rates = ", ".join(f"{r['name']} {r['teacher_gflop_s']:.0f}" for r in report["rows"] if r["teacher_gflop_s"])
+    lines.append(f"\nteacher forward: {report['teacher_gflop']:.1f} GFLOP per batch, run at (GFLOP/s) {rates}; a ratio "
+                 f"of 0.50 needs {report['gflop_s_for_half']:.0f} GFLOP/s")
     return "\n".join(lines) + "\n"
 
 
@@ -116,14 +131,18 @@ def main() -> None:
         results = [{"name": row.name, "img_s": round(statistics.median(measured[row.name]), 3),
                     "runs": [round(v, 3) for v in measured[row.name]]} for row in table]
     baseline = results[0]["img_s"]  # no distillation
+    flops = teacher_flops(args.batch_size, args.image_size)
     for r, row in zip(results, table):
         r["ratio"] = round(r["img_s"] / baseline, 3)
         r["teacher_share"] = round(1 - r["img_s"] / baseline, 3) if row.distilled else None
+        teacher_s = args.batch_size / r["img_s"] - args.batch_size / baseline  # what the teacher adds to a step
+        r["teacher_gflop_s"] = round(flops / 1e9 / teacher_s, 1) if row.distilled and teacher_s > 0 else None
     device = torch.cuda.get_device_name() if args.device == "gpu" else f"CPU, {torch.get_num_threads()} threads"
     report = {"setup": f"{args.model} student @{args.image_size}, regnety_160 teacher (random weights), "
                        f"batch {args.batch_size}, data=fake, {args.steps} timed steps x {args.repeats}, {device}, "
                        f"torch {torch.__version__}",
-              "rows": results}
+              "rows": results, "teacher_gflop": round(flops / 1e9, 2),
+              "gflop_s_for_half": round(flops / 1e9 / (args.batch_size / baseline), 1)}
     (out / "benchmark_teacher.json").write_text(json.dumps(report, indent=2))
     (out / "benchmark_teacher.md").write_text(markdown(report))
     print(markdown(report))

@@ -85,6 +85,22 @@ def test_each_group_is_tested_against_the_baseline_sharing_its_other_settings():
         find_baselines(mixed, "distill=none")
 
 
+def test_group_by_keeps_a_sweeps_bootstrapped_teacher_out_of_the_students_groups():
+    runs = [_efficiency_run(d, 0.1, s) for d in ("none", "hard") for s in (0, 1, 2)]
+    teacher = _efficiency_run("none", 0.1, 0)  # found at <job 0>/teacher: another experiment, same fraction
+    for run in runs:
+        run.config["task_name"] = "quickstart"
+    teacher.config["task_name"] = "quickstart_teacher"
+    groups = group_runs([*runs, teacher], ["data.train_fraction", "distill.distill_type"])
+    assert [(g.name, len(g.runs)) for g in groups] == [
+        ("data.train_fraction=0.1 distill.distill_type=none task_name=quickstart", 3),
+        ("data.train_fraction=0.1 distill.distill_type=hard task_name=quickstart", 3),
+        ("data.train_fraction=0.1 distill.distill_type=none task_name=quickstart_teacher", 1)]
+    assert find_baselines(groups, "distill.distill_type=none") == {groups[1].name: groups[0]}
+    assert [g.name for g in group_runs(runs, ["distill.distill_type"])] == [  # one experiment: no task_name
+        "distill.distill_type=none", "distill.distill_type=hard"]
+
+
 def test_group_by_and_baseline_errors():
     runs = [_run("a", "none", 0, 0.9), _run("b", "hard", 0, 0.9), _run("c", "hard", 1, 0.9)]
     by_seed = group_runs(runs, ["seed"])

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import pickle
+from collections import Counter
 from pathlib import Path
 
 import datasets
@@ -304,3 +305,39 @@ def test_data_configs_take_the_recipe(image_tree, tmp_path):
         dm = instantiate(cfg.data)
         assert dm.recipe.name == "three_augment" and dm.image_size == 224, source
         assert dm.num_classes == {"imagefolder": 3, "cifar10": 10, "hf": 3, "fake": 7}[source]
+
+
+# ---- data.train_fraction on every source ------------------------------------------------------------------
+def _labels(dataset) -> list[int]:
+    return [int(dataset[i][1]) for i in range(len(dataset))]
+
+
+def test_every_source_keeps_the_same_balanced_training_subset(image_tree, tmp_path):
+    """Each class keeps round(fraction x its count) training images, drawn by split_seed; val and test stay whole."""
+    write_cifar10(tmp_path / "cifar", per_batch=4)  # labels 0..3, 5 images each
+    saved = tmp_path / "saved"
+    datasets.DatasetDict({"train": colour_dataset(5), "validation": colour_dataset(2)}).save_to_disk(str(saved))
+    common = dict(image_size=SIZE, num_workers=0, pin_memory=False, recipe=NO_AUG)
+    sources = {
+        "imagefolder": lambda **kw: ImageFolderDataModule(root=str(image_tree), **common, **kw),  # 5 per class
+        "cifar": lambda **kw: CifarDataModule(root=str(tmp_path / "cifar"), num_classes=10, **common, **kw),
+        "hf": lambda **kw: HFDataModule(path=str(saved), **common, **kw),  # 5 per class
+        "fake": lambda **kw: FakeDataModule(num_classes=3, num_train=30, num_val=4, source_size=(20, 20), **common,
+                                            **kw),  # random labels
+    }
+    for name, make in sources.items():
+        whole, part = make(), make(train_fraction=0.4)
+        whole.setup("fit"), part.setup("fit")
+        counts = Counter(_labels(whole.train_set))
+        assert Counter(_labels(part.train_set)) == {c: max(1, round(0.4 * n)) for c, n in counts.items()}, name
+        assert len(part.val_set) == len(whole.val_set) and len(part.test_set) == len(whole.test_set), name
+        again, other = make(train_fraction=0.4), make(train_fraction=0.4, split_seed=1)
+        again.setup("fit"), other.setup("fit")
+        assert again.train_set.indices == part.train_set.indices != other.train_set.indices, name
+        # a kept item is the whole set's item of that index: images and labels, not only counts
+        first = part.train_set.indices[0]
+        assert torch.equal(part.train_set[0][0], whole.train_set[first][0]), name
+    with pytest.raises(ConfigError, match=r"^data.train_fraction=0.5 needs the whole label column"):
+        HFDataModule(path=str(saved), streaming=True, train_samples=15, train_fraction=0.5)
+    with pytest.raises(ConfigError, match=r"^data.train_fraction=0 must lie in \(0, 1\]"):
+        ImageFolderDataModule(root=str(image_tree), train_fraction=0)

@@ -42,12 +42,24 @@ def test_digits_train_split_shrinks_and_val_test_stay_whole():
 
 
 def test_bootstrapped_teacher_learns_from_the_subset_and_is_cached_under_its_key(tmp_path):
+    """... on its recipe's schedule: the student's trainer.max_epochs / limit_* do not shorten the cached teacher."""
     cfg = compose_config(["experiment=quickstart", "data.train_fraction=0.2"], tmp_path / "cfg")
     assert cfg.teacher.checkpoint.endswith("teachers/regnetx_002_digits_train0.2_seed0.pth")
-    tiny = ["teacher.min_val_top1=0", "trainer.max_epochs=1", "trainer.limit_train_batches=1", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "model.hidden_size=48", "model.num_hidden_layers=1"]
+    limits = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
+    tiny = ["teacher.min_val_top1=0", "trainer.max_epochs=1", *limits, "model.hidden_size=48", "model.num_hidden_layers=1",
+            f"teacher_recipe_overrides=[{','.join(map(repr, limits))}]"]  # the teacher's 12 epochs, one batch each
     proc = run_cli(["experiment=quickstart", "data.train_fraction=0.2", *tiny], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "the teacher trains on its recipe's schedule, not on trainer.max_epochs=1 trainer.limit_train_batches=1 " \
+           "trainer.limit_val_batches=1 trainer.limit_test_batches=1" in proc.stdout + proc.stderr
+    trainers = {run: yaml.safe_load((tmp_path / run / "csv" / "hparams.yaml").read_text())["trainer"]
+                for run in ("run", "run/teacher")}
+    assert trainers["run"]["max_epochs"] == 1
+    assert trainers["run/teacher"]["max_epochs"] == 12 == compose_config(["experiment=quickstart_teacher"],
+                                                                         tmp_path / "cfg2").trainer.max_epochs
+    assert trainers["run/teacher"]["limit_train_batches"] == 1  # teacher_recipe_overrides reach it
+    metrics = (tmp_path / "run" / "teacher" / "csv" / "metrics.csv").read_text().splitlines()
+    assert sum(1 for line in metrics[1:] if line.split(",")[metrics[0].split(",").index("val/top1")]) == 12
     assert (tmp_path / "cache" / "teachers" / "regnetx_002_digits_train0.2_seed0.pth").is_file()
     assert not (tmp_path / "cache" / "teachers" / "regnetx_002_digits.pth").exists()
     for run in (tmp_path / "run" / "teacher", tmp_path / "run"):

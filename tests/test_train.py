@@ -63,9 +63,10 @@ def test_same_seed_same_result(tmp_path, digits_teacher_file):
 
 
 def test_quickstart_trains_its_teacher_on_first_use_then_reuses_it(tmp_path):
-    tiny = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
-            "trainer.limit_test_batches=1", "model.hidden_size=48", "model.num_hidden_layers=1",
-            "teacher.min_val_top1=0"]  # a 2-batch teacher recognises nothing yet
+    limits = ["trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+              "trainer.limit_test_batches=1"]
+    tiny = [*limits, "model.hidden_size=48", "model.num_hidden_layers=1", "teacher.min_val_top1=0",  # a 2-batch
+            f"teacher_recipe_overrides=[{','.join(map(repr, limits))}]"]  # teacher recognises nothing yet
     first = run_cli(["experiment=quickstart", *tiny], tmp_path / "first", tmp_path / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
     cached = tmp_path / "cache" / "teachers" / "regnetx_002_digits.pth"

@@ -26,6 +26,7 @@ class AugmentedDataModule(ImageDataModule):
         interpolation: resize interpolation of train and eval transforms.
         skip_corrupt: skip (and count) undecodable files instead of stopping at the first one.
         classes: class names in label order, when the source knows them.
+        train_fraction, split_seed: a class-balanced subset of the training split (:class:`ImageDataModule`).
     """
 
     classes: list[str] | None = None
@@ -43,9 +44,12 @@ class AugmentedDataModule(ImageDataModule):
         pin_memory: bool = True,
         skip_corrupt: bool = False,
         seed: int = 0,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean,
-                         std=std, pin_memory=pin_memory, seed=seed)
+                         std=std, pin_memory=pin_memory, seed=seed, train_fraction=train_fraction,
+                         split_seed=split_seed)
         self.recipe = recipe or AugmentRecipe()
         self.crop_pct, self.interpolation = crop_pct, interpolation
         self.skip_corrupt = skip_corrupt

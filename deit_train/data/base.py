@@ -4,9 +4,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from deit_train.data.stream import SeededDataset, SeededSampler
+from deit_train.data.subset import balanced_subset, check_fraction
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -15,6 +16,8 @@ class ImageDataModule(L.LightningDataModule):
 
     ``batch_size`` is per device; the global batch is ``batch_size x world size x accumulation``. ``seed`` (the
     run's) seeds the training order and every sample's augmentation (:mod:`deit_train.data.stream`).
+    ``train_fraction`` keeps a class-balanced subset of the training split, drawn with ``split_seed``
+    (data-efficiency sweeps); validation and test stay whole.
     """
 
     num_classes: int
@@ -28,9 +31,12 @@ class ImageDataModule(L.LightningDataModule):
         std: Sequence[float] = (0.229, 0.224, 0.225),
         pin_memory: bool = False,
         seed: int = 0,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__()
         self.seed = seed
+        self.train_fraction, self.split_seed = check_fraction(train_fraction), split_seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.image_size = image_size
@@ -40,6 +46,12 @@ class ImageDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+
+    def train_subset(self, dataset: Dataset, labels: Sequence[int]) -> Dataset:
+        """``dataset`` itself, or its class-balanced ``train_fraction`` (``labels``: one per item, in order)."""
+        if self.train_fraction == 1.0:
+            return dataset
+        return Subset(dataset, balanced_subset(labels, self.train_fraction, self.split_seed).tolist())
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(

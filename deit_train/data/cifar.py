@@ -79,10 +79,12 @@ class CifarDataModule(AugmentedDataModule):
         pin_memory: bool = True,
         recipe: AugmentRecipe | None = None,
         seed: int = 0,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_fraction=train_fraction, split_seed=split_seed)
         if num_classes not in _LAYOUTS:
             raise ConfigError(f"data.num_classes={num_classes}: CIFAR has 10 or 100 classes (data=cifar10|cifar100)")
         if not root:
@@ -99,5 +101,5 @@ class CifarDataModule(AugmentedDataModule):
             return
         train_x, train_y, self.classes = read_cifar(self.root, self.num_classes, train=True)
         test_x, test_y, _ = read_cifar(self.root, self.num_classes, train=False)
-        self.train_set = CifarArrays(train_x, train_y, self.train_transform())
+        self.train_set = self.train_subset(CifarArrays(train_x, train_y, self.train_transform()), train_y)
         self.val_set = self.test_set = CifarArrays(test_x, test_y, self.eval_transform())

@@ -13,7 +13,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from deit_train.data.base import ImageDataModule
-from deit_train.data.subset import balanced_subset, check_fraction
+from deit_train.data.subset import balanced_subset
 from deit_train.errors import ConfigError
 
 
@@ -76,9 +76,8 @@ class DigitsDataModule(ImageDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(batch_size=batch_size, num_workers=num_workers, image_size=image_size, mean=mean, std=std,
-                         seed=seed)
-        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
-        self.train_fraction = check_fraction(train_fraction)
+                         seed=seed, train_fraction=train_fraction, split_seed=split_seed)
+        self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.augment = augment
         if num_classes != 10:
             raise ConfigError(f"data.num_classes={num_classes}, but the digits have 10 classes: drop the override")

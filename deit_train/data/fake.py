@@ -30,10 +30,12 @@ class FakeDataModule(AugmentedDataModule):
         pin_memory: bool = False,
         recipe: AugmentRecipe | None = None,
         seed: int = 0,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed)
+                         seed=seed, train_fraction=train_fraction, split_seed=split_seed)
         self.num_classes = num_classes
         self.num_train, self.num_val = num_train, num_val
         self.source_shape = (3, *source_size)
@@ -42,7 +44,11 @@ class FakeDataModule(AugmentedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        self.train_set = FakeData(self.num_train, self.source_shape, self.num_classes, self.train_transform())
+        train = FakeData(self.num_train, self.source_shape, self.num_classes, self.train_transform())
+        if self.train_fraction < 1.0:  # FakeData draws each label with its image: draw them once, untransformed
+            plain = FakeData(self.num_train, self.source_shape, self.num_classes)
+            train = self.train_subset(train, [plain[i][1] for i in range(self.num_train)])
+        self.train_set = train
         # a different offset: validation images are not training images
         self.val_set = FakeData(self.num_val, self.source_shape, self.num_classes, self.eval_transform(),
                                 random_offset=self.num_train)

@@ -163,10 +163,13 @@ class HFDataModule(AugmentedDataModule):
         pin_memory: bool = True,
         recipe: AugmentRecipe | None = None,
         skip_corrupt: bool = False,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed)
+                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
+                         train_fraction=train_fraction, split_seed=split_seed)
         if not path:
             raise ConfigError("data.path is not set: a save_to_disk folder, or a load_dataset builder such as "
                               "data.path=parquet data.data_files='{train: ..., validation: ...}'")
@@ -196,6 +199,9 @@ class HFDataModule(AugmentedDataModule):
             raise ConfigError(f"column {label_column!r} is not a ClassLabel, so the class count is unknown "
                               "when streaming: set data.num_classes")
         self.num_classes = len(self.classes)
+        if streaming and self.train_fraction < 1.0:
+            raise ConfigError(f"data.train_fraction={train_fraction} needs the whole label column, which a stream "
+                              "does not have: set data.streaming=false or data.train_fraction=1.0")
 
     def _load(self, split: str):
         try:
@@ -229,8 +235,11 @@ class HFDataModule(AugmentedDataModule):
         transforms = {"train": self.train_transform(), "val": self.eval_transform(), "test": self.eval_transform()}
         if not self.streaming:
             for stage_name, raw in self._raw.items():
-                data = self.tolerate_corrupt(HFImageDataset(raw, self.image_column, self.label_column,
-                                                            transforms[stage_name], self.splits[stage_name]))
+                data = HFImageDataset(raw, self.image_column, self.label_column, transforms[stage_name],
+                                      self.splits[stage_name])
+                if stage_name == "train":
+                    data = self.train_subset(data, raw[self.label_column])
+                data = self.tolerate_corrupt(data)
                 setattr(self, f"{stage_name}_set", data)
             return
         world, rank = self._world()

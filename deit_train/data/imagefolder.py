@@ -41,10 +41,13 @@ class ImageFolderDataModule(AugmentedDataModule):
         train_split: str = "train",
         val_split: str = "val",
         seed: int = 0,
+        train_fraction: float = 1.0,
+        split_seed: int = 0,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed)
+                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
+                         train_fraction=train_fraction, split_seed=split_seed)
         if not root:
             raise ConfigError("data.root is not set: pass data.root=/path/to/imagenet (a folder with train/ and val/)")
         self.root = Path(root).expanduser()
@@ -70,6 +73,6 @@ class ImageFolderDataModule(AugmentedDataModule):
         if val.classes != self.classes:
             raise ConfigError(f"{self.root / self.val_split} class folders differ from "
                               f"{self.root / self.train_split}'s: both splits need the same class folder names")
-        self.train_set = self.tolerate_corrupt(train)
+        self.train_set = self.tolerate_corrupt(self.train_subset(train, train.targets))
         self.val_set = self.tolerate_corrupt(val)
         self.test_set = self.val_set
