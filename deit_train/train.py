@@ -14,6 +14,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
@@ -161,8 +162,15 @@ def bootstrap_teacher(cfg: DictConfig) -> None:
     # the teacher learns from the student's training subset, as the paper's teacher sees the student's data
     subset = ([f"data.train_fraction={cfg.data.train_fraction}", f"data.split_seed={cfg.data.split_seed}"]
               if cfg.data.get("train_fraction", 1.0) != 1.0 else [])
-    results = train(compose_stage(cfg, [f"experiment={recipe}", *subset, *own], Path(cfg.paths.output_dir) / "teacher",
-                                  not_inherited=_SCHEDULE_OVERRIDE_PREFIXES))
+    try:
+        stage = compose_stage(cfg, [f"experiment={recipe}", *subset, *own], Path(cfg.paths.output_dir) / "teacher",
+                              not_inherited=_SCHEDULE_OVERRIDE_PREFIXES)
+    except (ConfigCompositionException, OverrideParseException) as exc:
+        if not own:
+            raise
+        reason = " ".join(line.strip() for line in str(exc).splitlines()[:1] + str(exc.__cause__ or "").splitlines()[:1])
+        raise ConfigError(f"teacher_recipe_overrides={own} do not apply to experiment={recipe}: {reason}") from exc
+    results = train(stage)
     atomic_torch_save(teacher_file(results["best_checkpoint"]), target)
     log.info("teacher cached at %s (test top-1 %.4f)", target, results.get("test/top1", float("nan")))
 

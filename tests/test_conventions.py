@@ -43,6 +43,18 @@ def test_fast_dev_run_never_trains_the_cached_teacher(tmp_path, monkeypatch, cap
     assert not list((tmp_path / "cache").rglob("*.pth"))
 
 
+def test_bad_teacher_recipe_override_is_one_line_before_anything_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DEIT_TRAIN_CACHE", str(tmp_path / "cache"))  # no teacher cached yet
+    status = run_in_process(["experiment=quickstart", 'teacher_recipe_overrides=["trainer.max_epochz=3"]'], tmp_path,
+                            monkeypatch)
+    err = capsys.readouterr().err.strip()
+    assert status == 2 and "\n" not in err
+    assert err == ("error: teacher_recipe_overrides=['trainer.max_epochz=3'] do not apply to "
+                   "experiment=quickstart_teacher: Could not override 'trainer.max_epochz'. Key 'max_epochz' is not "
+                   "in struct")
+    assert not list((tmp_path / "cache").rglob("*.pth")) and not list(tmp_path.rglob("*.ckpt"))
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible")
 def test_gpu_trainer_without_gpu_is_one_line(tmp_path, digits_teacher_file):
     cfg = compose_config(["experiment=quickstart", "trainer=gpu", f"teacher.checkpoint={digits_teacher_file}"],
