@@ -1,7 +1,7 @@
 """What every data source shares: loaders, class count, and the normalisation the models see."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
@@ -47,11 +47,12 @@ class ImageDataModule(L.LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
-    def train_subset(self, dataset: Dataset, labels: Sequence[int]) -> Dataset:
-        """``dataset`` itself, or its class-balanced ``train_fraction`` (``labels``: one per item, in order)."""
+    def train_subset(self, dataset: Dataset, labels: Callable[[], Sequence[int]]) -> Dataset:
+        """``dataset`` itself, or its class-balanced ``train_fraction``. ``labels()`` gives one label per item, in
+        order; it is called only for a subset (a label column or FakeData's draws cost a pass over the data)."""
         if self.train_fraction == 1.0:
             return dataset
-        return Subset(dataset, balanced_subset(labels, self.train_fraction, self.split_seed).tolist())
+        return Subset(dataset, balanced_subset(labels(), self.train_fraction, self.split_seed).tolist())
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         return DataLoader(

@@ -101,5 +101,5 @@ class CifarDataModule(AugmentedDataModule):
             return
         train_x, train_y, self.classes = read_cifar(self.root, self.num_classes, train=True)
         test_x, test_y, _ = read_cifar(self.root, self.num_classes, train=False)
-        self.train_set = self.train_subset(CifarArrays(train_x, train_y, self.train_transform()), train_y)
+        self.train_set = self.train_subset(CifarArrays(train_x, train_y, self.train_transform()), lambda: train_y)
         self.val_set = self.test_set = CifarArrays(test_x, test_y, self.eval_transform())

@@ -44,11 +44,11 @@ class FakeDataModule(AugmentedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = FakeData(self.num_train, self.source_shape, self.num_classes, self.train_transform())
-        if self.train_fraction < 1.0:  # FakeData draws each label with its image: draw them once, untransformed
-            plain = FakeData(self.num_train, self.source_shape, self.num_classes)
-            train = self.train_subset(train, [plain[i][1] for i in range(self.num_train)])
-        self.train_set = train
+        # FakeData draws each label with its image: the subset draws them once more, untransformed
+        plain = FakeData(self.num_train, self.source_shape, self.num_classes)
+        self.train_set = self.train_subset(
+            FakeData(self.num_train, self.source_shape, self.num_classes, self.train_transform()),
+            lambda: [plain[i][1] for i in range(self.num_train)])
         # a different offset: validation images are not training images
         self.val_set = FakeData(self.num_val, self.source_shape, self.num_classes, self.eval_transform(),
                                 random_offset=self.num_train)

@@ -238,7 +238,7 @@ class HFDataModule(AugmentedDataModule):
                 data = HFImageDataset(raw, self.image_column, self.label_column, transforms[stage_name],
                                       self.splits[stage_name])
                 if stage_name == "train":
-                    data = self.train_subset(data, raw[self.label_column])
+                    data = self.train_subset(data, lambda: raw[self.label_column])
                 data = self.tolerate_corrupt(data)
                 setattr(self, f"{stage_name}_set", data)
             return

@@ -73,6 +73,6 @@ class ImageFolderDataModule(AugmentedDataModule):
         if val.classes != self.classes:
             raise ConfigError(f"{self.root / self.val_split} class folders differ from "
                               f"{self.root / self.train_split}'s: both splits need the same class folder names")
-        self.train_set = self.tolerate_corrupt(self.train_subset(train, train.targets))
+        self.train_set = self.tolerate_corrupt(self.train_subset(train, lambda: train.targets))
         self.val_set = self.tolerate_corrupt(val)
         self.test_set = self.val_set
