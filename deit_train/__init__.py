@@ -1,5 +1,5 @@
 """deit_train: Lightning + Hydra training of DeiT students, with distillation from a frozen teacher."""
-from deit_train.config import register_resolvers
+from deit_train.run.config import register_resolvers
 
 register_resolvers()
 

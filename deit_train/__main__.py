@@ -1,7 +1,7 @@
 import sys
 
-from deit_train.console import quiet_console
-from deit_train.launch import rank_overrides
+from deit_train.run.console import quiet_console
+from deit_train.run.launch import rank_overrides
 from deit_train.train import main
 
 if __name__ == "__main__":

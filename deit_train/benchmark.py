@@ -23,8 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn import functional as F
 
-from deit_train.cli import run_main
-from deit_train.config import CONFIG_DIR
+from deit_train.run.cli import run_main
+from deit_train.run.config import CONFIG_DIR
 from deit_train.errors import ConfigError
 from deit_train.models.deit import forward_heads
 

@@ -13,7 +13,6 @@ import json
 import math
 import struct
 import sys
-import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import combinations
@@ -22,7 +21,8 @@ from pathlib import Path
 import yaml
 
 from deit_train.errors import ConfigError
-from deit_train.loggers import kept_overrides
+from deit_train.run.loggers import kept_overrides
+from deit_train.run.plots import save_figure
 from deit_train.modules.disagreement import CLASSIFIERS, metric_name
 
 # val top-1 of the prediction (mean of the heads when distilled) and of each head; column name in the table
@@ -355,19 +355,6 @@ def print_comparison(runs: list[Run], console=None) -> None:
         console.print(diff)
     elif len(runs) > 1:
         console.print("config differences: none")
-
-
-def save_figure(fig, out: Path) -> Path:
-    """Write a matplotlib figure as a PNG (parents created) and free it."""
-    import matplotlib.pyplot as plt
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # long run names in a legend: the layout stays as it is, the PNG is fine
-        warnings.filterwarnings("ignore", message="Tight layout not applied")
-        fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
 
 
 def plot_curves(runs: list[Run], out: Path) -> Path:

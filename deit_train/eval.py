@@ -14,11 +14,11 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from deit_train.cli import run_main
+from deit_train.run.cli import run_main
 from deit_train.errors import ConfigError
 from deit_train.models.deit import forward_heads, is_distilled
 from deit_train.modules.metrics import EvalMetrics
-from deit_train.trained_model import load_trained_model, read_run_config
+from deit_train.run.trained_model import load_trained_model, read_run_config
 
 USAGE = """usage: python -m deit_train.eval ckpt=<run_dir>/checkpoints/<name>.ckpt [split=test|val]
   [data.<key>=<value> ...] [batch_size=<stored>] [out=metrics.json] [device=cpu]"""

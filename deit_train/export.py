@@ -23,11 +23,11 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from deit_train.cli import run_main
+from deit_train.run.cli import run_main
 from deit_train.errors import ConfigError
 from deit_train.models.deit import average_heads, forward_heads, is_distilled
 from deit_train.models.hf_convert import HF_CLASSES, timm_to_hf
-from deit_train.trained_model import TrainedModel, load_trained_model
+from deit_train.run.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.export ckpt=<run_dir>/checkpoints/<name>.ckpt format=hf|timm out=<dir>
   [hf_class=auto|DeiTForImageClassificationWithTeacher|DeiTForImageClassification|ViTForImageClassification]

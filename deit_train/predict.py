@@ -24,11 +24,11 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from deit_train.cli import run_main
+from deit_train.run.cli import run_main
 from deit_train.data.images import CorruptImageError, load_rgb
 from deit_train.errors import ConfigError
 from deit_train.models.deit import average_heads, forward_heads
-from deit_train.trained_model import TrainedModel, load_trained_model
+from deit_train.run.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.predict ckpt=<run_dir>/checkpoints/<name>.ckpt images=[a.png,b.png]|<folder>
   [top_k=5] [image_size=<training size>] [attention=false] [out=predictions] [batch_size=32] [device=cpu]

@@ -1,6 +1,6 @@
 """Teacher-only pass: ``python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]``.
 
-Fills the teacher-logit cache (:mod:`deit_train.logit_cache`) for every epoch and every rank of the training run
+Fills the teacher-logit cache (:mod:`deit_train.teacher.cache`) for every epoch and every rank of the training run
 that the same overrides describe, without training a student: e.g. on an inference node before a sweep. It walks
 the same deterministic stream as training (sampler, per-sample seeds, per-batch Mixup/CutMix seeds), so the
 shards are the ones a training run would write. Shards already committed are skipped: an interrupted pass is
@@ -19,10 +19,10 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from omegaconf import DictConfig, open_dict
 from tqdm import tqdm
 
-from deit_train.config import CONFIG_DIR
+from deit_train.run.config import CONFIG_DIR
 from deit_train.data.stream import seed_globals, step_seed
 from deit_train.errors import ConfigError, one_line_errors
-from deit_train.logit_cache import TeacherLogitCache, build_teacher
+from deit_train.teacher.cache import TeacherLogitCache, build_teacher
 
 log = logging.getLogger("deit_train")
 

@@ -20,22 +20,21 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
-from deit_train.checkpointing import AtomicCheckpointIO, atomic_torch_save
+from deit_train.run.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
-from deit_train.config import CONFIG_DIR, require_experiment
-from deit_train.console import quiet_console
+from deit_train.run.config import CONFIG_DIR, require_experiment
+from deit_train.run.console import quiet_console
 from deit_train.data.stream import StepSeeding
-from deit_train.environment import check_accelerator, threads_from_slurm
+from deit_train.run.environment import check_accelerator, threads_from_slurm
 from deit_train.errors import ConfigError, one_line_errors
-from deit_train.loggers import log_run_config
-from deit_train.logit_cache import TeacherLogitCache
-from deit_train.loss_curve import plot_loss_curve
-from deit_train.models.checkpoint import read_state_dict
-from deit_train.models.teacher import teacher_file
+from deit_train.run.loggers import log_run_config
+from deit_train.teacher.cache import TeacherLogitCache
+from deit_train.run.plots import plot_loss_curve
+from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
-from deit_train.options import check_options, check_paths
-from deit_train.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
-from deit_train.trained_model import StoreRunConfig
+from deit_train.run.preflight import check_options, check_paths
+from deit_train.run.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
+from deit_train.run.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
 

@@ -22,7 +22,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from deit_train.losses import DistillationLoss
-from deit_train.models import FrozenTeacher, create_deit, forward_heads
+from deit_train.models import create_deit, forward_heads
+from deit_train.teacher import FrozenTeacher
 from deit_train.modules import ClassificationModule, OptimRecipe
 
 

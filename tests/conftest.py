@@ -11,7 +11,7 @@ import timm
 import torch
 from hydra import compose, initialize_config_dir
 
-from deit_train.config import CONFIG_DIR
+from deit_train.run.config import CONFIG_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from conftest import FAST_DIGITS, compose_config, run_cli
-from deit_train.cli import parse_args
+from deit_train.run.cli import parse_args
 from deit_train.errors import ConfigError
-from deit_train.options import check_counts, check_paths, load_checkpoint_file
-from deit_train.resume import check_checkpoint_fits
+from deit_train.run.preflight import check_counts, check_paths, load_checkpoint_file
+from deit_train.run.resume import check_checkpoint_fits
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deit_train import benchmark
-from deit_train.cli import run_main
+from deit_train.run.cli import run_main
 from deit_train.errors import ConfigError
 from deit_train.models import create_deit, forward_heads
 

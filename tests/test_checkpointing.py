@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from deit_train.checkpointing import atomic_torch_save
+from deit_train.run.checkpoints import atomic_torch_save
 from deit_train.errors import ConfigError
 from deit_train.models import create_deit, load_student_weights
 

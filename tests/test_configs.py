@@ -4,7 +4,7 @@ import torch
 import yaml
 from hydra.utils import instantiate
 
-from deit_train.config import CONFIG_DIR
+from deit_train.run.config import CONFIG_DIR
 
 from conftest import compose_config
 

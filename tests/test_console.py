@@ -10,7 +10,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader, TensorDataset
 
-from deit_train.console import quiet_console
+from deit_train.run.console import quiet_console
 
 
 def shown(message: str, category=UserWarning) -> bool:

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from conftest import FAST_DIGITS, compose_config
-from deit_train.config import experiment_names
-from deit_train.environment import threads_from_slurm
+from deit_train.run.config import experiment_names
+from deit_train.run.environment import threads_from_slurm
 from deit_train.errors import ConfigError
 from deit_train.train import main, train
 
@@ -94,7 +94,7 @@ def test_debug_limit_runs_short_epochs(tmp_path, digits_teacher_file):
 def test_wandb_logger_keeps_the_csv_log(tmp_path):
     loggers = compose_config(["logger=wandb"], tmp_path).logger
     assert list(loggers) == ["csv", "wandb"]
-    assert loggers.csv._target_ == "deit_train.loggers.ResumableCSVLogger"
+    assert loggers.csv._target_ == "deit_train.run.loggers.ResumableCSVLogger"
     assert list(compose_config(["logger=wandb", "~logger.csv"], tmp_path).logger) == ["wandb"]
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from deit_train.diagnostics import TokenDiagnostics, head_weight_cosine, token_cosine
+from deit_train.run.diagnostics import TokenDiagnostics, head_weight_cosine, token_cosine
 from deit_train.models import create_deit
 from deit_train.modules.disagreement import disagreement_matrix, disagreement_table
 from deit_train.modules.metrics import EvalMetrics

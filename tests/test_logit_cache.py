@@ -20,9 +20,9 @@ from hydra.utils import instantiate
 
 from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train.errors import ConfigError
-from deit_train.logit_cache import CacheEntry, TeacherLogitCache, build_teacher, dense_logits, run_fingerprint
+from deit_train.teacher.cache import CacheEntry, TeacherLogitCache, build_teacher, dense_logits, run_fingerprint
 from deit_train.losses import DistillationLoss
-from deit_train.models.teacher import FrozenTeacher
+from deit_train.teacher.network import FrozenTeacher
 from deit_train.teacher_cache import fill_cache
 from deit_train.train import train
 
@@ -139,7 +139,7 @@ def test_damaged_shard_is_recomputed_not_trusted(tmp_path, digits_teacher_file, 
         path = stem.parent / f"{stem.name}.indices.npy"
         path.write_bytes(path.read_bytes()[:-7])
     calls_before = teacher_calls()
-    with caplog.at_level(logging.WARNING, logger="deit_train.logit_cache"):
+    with caplog.at_level(logging.WARNING, logger="deit_train.teacher.cache"):
         again = _run(tmp_path, "again", digits_teacher_file, "distill=soft", f"teacher.cache_dir={cache}")
     assert teacher_calls() - calls_before == 1 + 3  # epoch 0 read (verified once), epoch 1 recomputed
     assert any("checksum mismatch" in r.getMessage() and stem.name in r.getMessage() for r in caplog.records)
@@ -205,7 +205,7 @@ def test_other_seed_recipe_or_teacher_is_another_entry_reported_in_one_line(tmp_
         caplog.clear()
         other = entry(*extra)
         assert other.digest != base.digest
-        with caplog.at_level(logging.WARNING, logger="deit_train.logit_cache"):
+        with caplog.at_level(logging.WARNING, logger="deit_train.teacher.cache"):
             other.open()
         (line,) = [r.getMessage() for r in caplog.records]
         assert f"the nearest, {base.digest}, differs in " in line and differs in line and "not used" in line

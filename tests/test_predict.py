@@ -14,12 +14,12 @@ from sklearn.datasets import load_digits
 from conftest import FAST_DIGITS, run_cli
 from deit_train import export as export_cli
 from deit_train import predict as predict_cli
-from deit_train.cli import run_main
+from deit_train.run.cli import run_main
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import ConfigError
 from deit_train.models import create_deit, forward_heads
 from deit_train.predict import attention_rollout, capture_attention, predict
-from deit_train.trained_model import CHECKPOINT_KEY, load_trained_model
+from deit_train.run.trained_model import CHECKPOINT_KEY, load_trained_model
 
 TINY = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=4.0,
             qkv_bias=True, drop_path_rate=0.0, layer_norm_eps=1e-6, num_channels=3)

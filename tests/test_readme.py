@@ -30,9 +30,9 @@ from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train import benchmark as benchmark_cli
 from deit_train import export as export_cli
 from deit_train import predict as predict_cli
-from deit_train.cli import parse_args, run_main
+from deit_train.run.cli import parse_args, run_main
 from deit_train.compare import main as compare_runs
-from deit_train.config import CONFIG_DIR
+from deit_train.run.config import CONFIG_DIR
 from deit_train.train import main as train_main
 
 README = ROOT / "README.md"
@@ -113,7 +113,7 @@ CHECKS: dict[str, tuple[str, str]] = {
 # deprecat(ed), and Lightning's tips.
 WARNING_LINE = re.compile(r"\.py:\d+: |warn|deprecat|💡", re.IGNORECASE)
 # Warnings the quickstart may print, each with why it stays. Empty: the quickstart prints none
-# (deit_train/console.py lists what is silenced and why).
+# (deit_train/run/console.py lists what is silenced and why).
 ALLOWED_WARNINGS: tuple[str, ...] = ()
 
 

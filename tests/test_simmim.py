@@ -12,7 +12,7 @@ from conftest import run_cli
 from deit_train.data.digits import DigitsDataModule
 from deit_train.data.simmim import SimMIMTrainTransform
 from deit_train.errors import ConfigError
-from deit_train.loss_curve import loss_per_epoch, plot_loss_curve
+from deit_train.run.plots import loss_per_epoch, plot_loss_curve
 from deit_train.models import create_deit, create_timm_classifier, forward_heads
 from deit_train.models.simmim import MaskGenerator, SimMIM, masked_l1_loss, pixel_mask
 from deit_train.modules.optim import OptimRecipe

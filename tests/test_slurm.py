@@ -19,9 +19,9 @@ import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from conftest import ROOT
-from deit_train.console import SACCT_EXPLANATION
-from deit_train.launch import rank_overrides
-from deit_train.resume import resume_checkpoint
+from deit_train.run.console import SACCT_EXPLANATION
+from deit_train.run.launch import rank_overrides
+from deit_train.run.resume import resume_checkpoint
 
 SLURM_TOOLS = ("sbatch", "srun", "scontrol", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
 # quickstart's models made tiny: each epoch is a few steps, so the test is about control flow, not accuracy

@@ -7,7 +7,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
-from deit_train.models import FrozenTeacher, create_deit
+from deit_train.models import create_deit
+from deit_train.teacher import FrozenTeacher
 from deit_train.modules import ClassificationModule, OptimRecipe
 
 

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
-from deit_train.models import FrozenTeacher, create_deit
-from deit_train.models import teacher as teacher_module
-from deit_train.models.teacher import IDENTITY_KEY, TeacherIdentity, read_teacher_identity, teacher_file
+from deit_train.models import create_deit
+from deit_train.teacher import FrozenTeacher
+from deit_train.teacher import network as teacher_module
+from deit_train.teacher.identity import IDENTITY_KEY, TeacherIdentity, read_teacher_identity, teacher_file
 from deit_train.modules import ClassificationModule, OptimRecipe
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))

@@ -8,8 +8,9 @@ import torch
 from deit_train.data import DigitsDataModule
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
-from deit_train.models import FrozenTeacher, create_deit
-from deit_train.models import teacher as teacher_module
+from deit_train.models import create_deit
+from deit_train.teacher import FrozenTeacher
+from deit_train.teacher import network as teacher_module
 from deit_train.modules import ClassificationModule, OptimRecipe
 
 HALF = (0.5, 0.5, 0.5)

@@ -1,9 +1,7 @@
 from deit_train.models.checkpoint import load_student_weights, read_state_dict
 from deit_train.models.deit import create_deit, create_timm_classifier, forward_heads, is_distilled
-from deit_train.models.teacher import FrozenTeacher
 
 __all__ = [
-    "FrozenTeacher",
     "create_deit",
     "create_timm_classifier",
     "forward_heads",

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationLoss
 from deit_train.models.deit import average_heads, forward_heads, is_distilled
-from deit_train.models.teacher import FrozenTeacher
+from deit_train.teacher.network import FrozenTeacher
 from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule

@@ -17,14 +17,13 @@ import logging
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deit_train.errors import ConfigError
-from deit_train.options import load_checkpoint_file
-from deit_train.trained_model import CHECKPOINT_KEY
+from deit_train.run.preflight import load_checkpoint_file
+from deit_train.run.trained_model import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from torch import Tensor, nn
 
-from deit_train.compare import save_figure
+from deit_train.run.plots import save_figure
 from deit_train.models.deit import is_distilled
 
 log = logging.getLogger(__name__)

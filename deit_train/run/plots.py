@@ -1,8 +1,23 @@
-"""The curve of a run without labels to score (SimMIM pretraining): train and val loss per epoch, as a PNG."""
+"""Figures a run saves: the PNG writer every plot uses, and the curve of a run without labels to score (SimMIM
+pretraining: train and val loss per epoch)."""
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write a matplotlib figure as a PNG (parents created) and free it."""
+    import matplotlib.pyplot as plt
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():  # long run names in a legend: the layout stays as it is, the PNG is fine
+        warnings.filterwarnings("ignore", message="Tight layout not applied")
+        fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
 
 
 def loss_per_epoch(metrics_csv: Path) -> dict[str, dict[int, float]]:

@@ -9,8 +9,9 @@ from deit_train.errors import ConfigError
 
 # Installed from a wheel the configs are package data (deit_train/configs); in the repository (and editable
 # installs) they are its top-level configs/.
-_PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
-CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else Path(__file__).resolve().parents[1] / "configs"
+_PACKAGE = Path(__file__).resolve().parents[1]
+_PACKAGED_CONFIGS = _PACKAGE / "configs"
+CONFIG_DIR = _PACKAGED_CONFIGS if _PACKAGED_CONFIGS.is_dir() else _PACKAGE.parent / "configs"
 
 
 def experiment_names() -> list[str]:
