@@ -1,6 +1,6 @@
-"""Every shell command in README.md, checked the way a user types it, from a fresh working directory.
+"""Every shell command in README.md and docs/*.md, checked the way a user types it, from a fresh working directory.
 
-Each command is listed in CHECKS with how it is checked; a command added to the README without an entry here
+Each command is listed in CHECKS with how it is checked; a command added to the README or the docs without an entry here
 fails ``test_every_readme_command_is_checked``:
 
 - ``run``: run as typed, with tiny overrides where it trains (``test_readme_quickstart_then_compare_export_predict``);
@@ -36,6 +36,8 @@ from deit_train.run.config import CONFIG_DIR
 from deit_train.train import main as train_main
 
 README = ROOT / "README.md"
+# the README is the guide; the details live in docs/ (their commands are checked alike)
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 CHECKS: dict[str, tuple[str, str]] = {
     'pip install -e ".[dev]" && scripts/install_slurm.sh': ("not run", "installs packages"),
     "python3 -m venv .venv && . .venv/bin/activate": ("not run", "creates the environment the tests run in"),
@@ -44,6 +46,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     'pip install -e ".[hf]"': ("not run", "installs transformers"),
     "pytest": ("not run", "this test suite"),
     "python -m deit_train experiment=quickstart": ("run", ""),
+    "python -m deit_train experiment=quickstart ckpt_path=outputs/quickstart/<date_time>/checkpoints/last.ckpt":
+        ("elsewhere", "test_resume_guards.py::test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule"),
+    "python scripts/compare_runs.py multirun/tab3_token --baseline distill=none --out tab3.png":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
     "python -m deit_train": ("run", ""),
     "python scripts/compare_runs.py outputs/quickstart": ("run", ""),
     "python -m deit_train.export ckpt=<run>/checkpoints/last.ckpt format=hf out=hf_model": ("run", ""),
@@ -132,10 +138,14 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
+def documented_commands() -> set[str]:
+    return {command for document in DOCUMENTS for command in readme_commands(document.read_text())}
+
+
 def test_every_readme_command_is_checked():
-    commands = readme_commands(README.read_text())
+    commands = documented_commands()
     assert set(commands) == set(CHECKS), {"unchecked": sorted(set(commands) - set(CHECKS)),
-                                          "no longer in the README": sorted(set(CHECKS) - set(commands))}
+                                          "no longer in the README or docs": sorted(set(CHECKS) - set(commands))}
     for command, (kind, where) in CHECKS.items():
         if kind == "elsewhere":  # the named test exists
             file, _, name = where.partition("::")
@@ -220,3 +230,12 @@ def test_readme_quickstart_then_compare_export_predict(tmp_path, digits_teacher_
     assert (work / "predictions" / "predictions.json").is_file()
     assert sorted(p.name for p in (work / "predictions").glob("*_attention.png")) == ["0_attention.png",
                                                                                      "1_attention.png"]
+
+
+def test_readme_is_a_guide_whose_links_resolve():
+    """The README stays short (details belong in docs/), and every local link in it and in docs/ points to a file."""
+    assert len(README.read_text().splitlines()) <= 150
+    for document in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", document.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (document.parent / target).exists(), (document.name, target)
