@@ -146,6 +146,9 @@ def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = N
     data_config, overridden = data_config_for(loaded, data, data_overrides, model, ckpt)
     if batch_size is not None:
         data_config["batch_size"] = batch_size
+    target_device = _device(device)
+    if "pin_memory" in data_config and "pin_memory" not in data_overrides:  # pinning helps only a GPU copy
+        data_config["pin_memory"] = target_device.type == "cuda"
     datamodule = instantiate(data_config)
     if datamodule.num_classes != loaded.num_classes:
         raise ConfigError(f"ckpt={ckpt} has {loaded.num_classes} classes, data={data or 'its stored data set'} has "
@@ -153,7 +156,6 @@ def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = N
                           "data.root=...)")
     datamodule.setup("test" if split == "test" else "validate")
     loader = datamodule.test_dataloader() if split == "test" else datamodule.val_dataloader()
-    target_device = _device(device)
     network = loaded.model.to(target_device)
     distilled = "dist" in loaded.heads
     metrics = EvalMetrics(split, loaded.num_classes, distilled, with_teacher=False).to(target_device)

@@ -286,3 +286,41 @@ def test_table5_script_runs_eval_on_each_official_file_and_compares(tmp_path):
         {"val/top1": 0.8115, "val/top5": 0.9538, "val/ce": 0.7521, "val/throughput": 2000.0}))
     assert table(tmp_path / "t5").splitlines()[2] == (
         "| DeiT-S⚗ | 81.150 | 81.164 | -0.014 | 95.380 | 95.376 | 0.752 | 0.752 | 2000 |")
+
+
+def test_imagefolder_gets_the_papers_preprocessing(tmp_path):
+    """An official file on an ImageNet-layout folder of non-square images: eval's numbers are the network's on
+    pixels made by hand the paper's way (short side to floor(16 / 0.875) = 18 bicubic, center crop 16, ImageNet
+    mean/std)."""
+    import numpy as np
+    from torch.nn import functional as F
+    from torchvision.transforms import v2
+
+    network = random_network(True)
+    torch.save({"model": network.state_dict()}, tmp_path / "official.pth")
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for label in range(10):
+        for split, count in (("train", 1), ("val", 2)):
+            folder = tmp_path / "imagenet" / split / f"n{label:08d}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                size = (int(rng.integers(20, 40)), int(rng.integers(20, 40)))
+                image = Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8))
+                image.save(folder / f"{i}.png")
+                if split == "val":
+                    images.append(image)
+                    labels.append(label)
+    by_hand = v2.Compose([v2.Resize(18, interpolation=v2.InterpolationMode.BICUBIC), v2.CenterCrop(16),
+                          v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True),
+                          v2.Normalize([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])])
+    with torch.no_grad():
+        cls, dist = forward_heads(network, torch.stack([by_hand(image) for image in images]))
+    prediction, target = average_heads(cls, dist), torch.tensor(labels)
+    report = score(tmp_path / "official.pth", split="val", data="imagefolder",
+                   data_overrides={"root": str(tmp_path / "imagenet"), "num_workers": 0}, **STATE_DICT_ARCH)
+    assert "preprocessing: paper: resize short side to 18 bicubic, center crop 16, mean (0.485, 0.456, 0.406)" \
+        in report.summary
+    assert report.metrics["val/images"] == 20
+    assert report.metrics["val/top1"] == pytest.approx((prediction.argmax(-1) == target).float().mean().item(), abs=1e-6)
+    assert report.metrics["val/ce"] == pytest.approx(F.cross_entropy(prediction, target).item(), abs=1e-5)
