@@ -16,7 +16,7 @@ from deit_train.eval import compose_group, main, score
 from deit_train.export import export
 from deit_train.models import create_deit
 from deit_train.models.deit import average_heads, forward_heads
-from deit_train.run.any_checkpoint import _transformers_preprocessing, load_for_eval
+from deit_train.run.any_checkpoint import transformers_preprocessing, load_for_eval
 from deit_train.run.trained_model import CHECKPOINT_KEY
 
 try:
@@ -183,12 +183,12 @@ def test_hub_style_preprocessor_config_is_read_as_transformers_reads_it(tmp_path
         "feature_extractor_type": "DeiTFeatureExtractor", "size": 256, "crop_size": 224, "resample": 3,
         "do_resize": True, "do_center_crop": True, "do_normalize": True,
         "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]}))
-    pre, source, note = _transformers_preprocessing(tmp_path, 224)
+    pre, source, note = transformers_preprocessing(tmp_path, 224)
     assert (pre.image_size, pre.resize_size, pre.interpolation) == (224, 256, "bicubic")
     assert source == str(tmp_path / "preprocessor_config.json")
     assert note.startswith("transformers resizes every image to 256x256 (aspect ratio not kept)")
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "ViTImageProcessor"}))
-    pre, _, note = _transformers_preprocessing(tmp_path, 224)  # ViT's defaults: 224x224, no crop, mean/std 0.5
+    pre, _, note = transformers_preprocessing(tmp_path, 224)  # ViT's defaults: 224x224, no crop, mean/std 0.5
     assert (pre.image_size, pre.resize_size, pre.mean) == (224, 224, (0.5, 0.5, 0.5))
 
 

@@ -14,7 +14,7 @@ crop, ImageNet mean/std.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -52,7 +52,7 @@ class EvalModel:
     preprocessing_source: str  # where the preprocessing came from: "paper", "<file> pretrained_cfg", ...
     preprocessing_note: str = ""
     class_names: list[str] | None = None
-    data_config: dict | None = field(default=None)  # a Lightning checkpoint's own data set
+    data_config: dict | None = None  # a Lightning checkpoint's own data set
 
     @property
     def num_classes(self) -> int:
@@ -221,7 +221,7 @@ def _transformers_directory(path: Path) -> EvalModel:
     heads = _heads(state)
     load_exact(model, state, f"ckpt={path}", f"the weights do not fit {path / 'config.json'}",
                may_lack=() if "dist" in heads else ("head_dist.",))
-    preprocessing, source, note = _transformers_preprocessing(path, int(image))
+    preprocessing, source, note = transformers_preprocessing(path, int(image))
     labels = config.get("id2label")
     names = [labels[str(i)] for i in range(len(labels))] if labels and len(labels) == model.num_classes else None
     return EvalModel(model.eval(), heads, f"transformers {hf_class} directory", f"{path / 'config.json'}",
@@ -236,7 +236,7 @@ def _square(value, path: Path, key: str) -> int:
     return int(value)
 
 
-def _transformers_preprocessing(path: Path, image_size: int) -> tuple[Preprocessing, str, str]:
+def transformers_preprocessing(path: Path, image_size: int) -> tuple[Preprocessing, str, str]:
     """``preprocessor_config.json`` as transformers' DeiT/ViT image processors read it (an int ``size`` is a
     square, ViT's processor does not crop), in the terms of this framework's eval transform."""
     file = path / "preprocessor_config.json"
