@@ -68,15 +68,20 @@ def write_formats(network: torch.nn.Module, folder: Path) -> dict[str, tuple[Pat
     state = network.state_dict()
     ours = lightning_checkpoint(network, folder / "run.ckpt")
     torch.save({"model": state}, folder / "official.pth")  # the official DeiT repo's layout
+    torch.save({"model": state}, folder / "official_legacy.pth", _use_new_zipfile_serialization=False)  # torch < 1.6
     save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "timm.safetensors"))  # a timm file
     export(ours, "timm", folder / "timm_dir")
     files = {
         "ours (.ckpt)": (ours, {}),
         "official .pth": (folder / "official.pth", {"data": "digits", "data_overrides": DIGITS_NORM,
                                                      **STATE_DICT_ARCH}),
+        "official .pth, torch's legacy format": (folder / "official_legacy.pth",
+                                                  {"data": "digits", "data_overrides": DIGITS_NORM, **STATE_DICT_ARCH}),
         "timm .safetensors": (folder / "timm.safetensors", {"data": "digits", "data_overrides": DIGITS_NORM,
                                                              **STATE_DICT_ARCH}),
         "timm directory": (folder / "timm_dir", {"data": "digits"}),
+        # its weights file, passed alone: read with the directory's config.json
+        "timm directory's model.safetensors": (folder / "timm_dir" / "model.safetensors", {"data": "digits"}),
     }
     if transformers is not None:
         classes = (["DeiTForImageClassificationWithTeacher", "DeiTForImageClassification"]

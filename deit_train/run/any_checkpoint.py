@@ -75,8 +75,11 @@ def checkpoint_kind(path: Path) -> str:
         return "state_dict"
     try:  # memory-mapped: only the top-level keys are looked at here
         checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # torch raises many types for a damaged or foreign file
-        raise ConfigError(f"cannot read ckpt={path}: {type(exc).__name__}: {exc}") from exc
+    except Exception:  # files torch saved before its zip format cannot be memory-mapped
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc:  # torch raises many types for a damaged or foreign file
+            raise ConfigError(f"cannot read ckpt={path}: {type(exc).__name__}: {exc}".splitlines()[0]) from exc
     if isinstance(checkpoint, dict) and (CHECKPOINT_KEY in checkpoint or "pytorch-lightning_version" in checkpoint):
         return "lightning"
     return "state_dict"
