@@ -108,8 +108,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     'multirun/efficiency_0.25 --group-by data.train_fraction,distill.distill_type --baseline '
     'distill.distill_type=none':
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
-    "python -m deit_train.eval ckpt=<run>/checkpoints/<name>.ckpt [split=test|val] [data.root=...] [out=metrics.json]":
-        ("elsewhere", "test_resume_guards.py::test_eval_reproduces_the_runs_own_test_metrics"),
+    "python -m deit_train.eval ckpt=<file or directory> data=imagefolder data.root=/path/to/imagenet model=deit_small "
+    "split=val out=metrics.json": ("elsewhere", "test_eval_formats.py::test_cli_writes_metrics_and_confusion_matrix"),
+    "python scripts/eval_paper_table5.py --imagenet /path/to/imagenet --weights /path/to/official_deit_files":
+        ("elsewhere", "test_eval_formats.py::test_table5_script_runs_eval_on_each_official_file_and_compares"),
     "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
         ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
