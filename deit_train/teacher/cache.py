@@ -345,8 +345,8 @@ class TeacherLogitCache(Callback):
     def at_step(self, batch_idx: int) -> None:
         """The training batch of the epoch that the next call serves."""
         if not self._epoch_started and batch_idx != 0 and (self._reader is not None or self._writer is not None):
-            # restarted mid-epoch (Lightning's hpc_ckpt): its loader starts the epoch over while batch_idx goes on,
-            # so neither the stored batches nor a complete shard match; the teacher runs live until the epoch ends
+            # restarted mid-epoch (a requeue's hpc_ckpt): an epoch's shard is written and committed whole, and the
+            # killed attempt's part of it never was; the teacher runs live until the epoch ends
             log.info("teacher cache: epoch %d resumed at batch %d, the teacher runs live for the rest of it",
                      self._epoch, batch_idx)
             self.finish_epoch(commit=False)
