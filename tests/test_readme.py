@@ -115,6 +115,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
         ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
+    "scancel --signal=USR1 <job id>":
+        ("elsewhere", "test_slurm_requeue_signal.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
+    "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
+    "python scripts/gpu_smoke.py --rows distill,compiled --keep smoke_runs":
+        ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
 }
 
 # Console lines that count as warnings: Python's `file.py:123: ...` form, anything saying warn(ing) or
