@@ -1,0 +1,90 @@
+"""The paths a first GPU run takes, exercised on CPU (issue 19): EMA under DDP (gloo), FSDP's flattened parameters,
+fp16 with gradient clipping where the recipe would pick a fused optimizer, compiled students with diagnostics."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import FAST_DIGITS, compose_config, run_cli
+
+
+def _checkpoint(run_dir, pattern: str) -> dict:
+    [path] = sorted((run_dir / "checkpoints").glob(pattern))
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_ema_is_kept_outside_the_wrapped_module_and_frozen(tmp_path):
+    """timm's train.py keeps the EMA outside DDP: a registered copy would be wrapped, and its parameters (which keep
+    requires_grad from the deepcopy) would be gradients DDP waits for and never gets."""
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null",
+                          "module.ema_decay=0.9"], tmp_path)
+    module = instantiate(cfg.module)
+    assert {name.split(".")[0] for name, _ in module.named_parameters()} == {"student"}
+    assert all(p.requires_grad for p in module.student.parameters())
+    assert not any(p.requires_grad for p in module.ema.module.parameters())
+
+
+def test_ema_under_two_process_ddp_trains_moves_and_resumes(tmp_path, digits_teacher_file):
+    """2 gloo processes, 2 epochs with an EMA: no "Expected to have finished reduction" at step 2, the EMA weights
+    of epoch 1 differ from epoch 0's and from the student's, and the checkpoint holds them for resume/export."""
+    args = ["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
+            *FAST_DIGITS, "trainer.max_epochs=2", "module.ema_decay=0.5", "strategy=ddp_cpu", "trainer.devices=2",
+            "callbacks.model_checkpoint.save_top_k=-1", "test=false"]
+    proc = run_cli(args, tmp_path / "ddp", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = _checkpoint(tmp_path / "ddp", "epoch000-*.ckpt"), _checkpoint(tmp_path / "ddp", "epoch001-*.ckpt")
+    ema_keys = [k for k in second if k.startswith("ema.module.")]
+    assert ema_keys and len(ema_keys) == len([k for k in second if k.startswith("student.")])
+    weight = "ema.module.blocks.0.attn.qkv.weight"
+    assert not torch.equal(first[weight], second[weight])  # the EMA moved during epoch 1
+    assert not torch.equal(second[weight], second["student.blocks.0.attn.qkv.weight"])  # and is not the student
+    with open(tmp_path / "ddp" / "csv" / "metrics.csv", newline="") as handle:
+        ema_top1 = [row["val_ema/top1"] for row in csv.DictReader(handle) if row.get("val_ema/top1")]
+    assert len(ema_top1) == 2
+
+
+# ---- FSDP: weight-decay groups from the shapes recorded before wrapping --------------------------------------------
+class _FSDPUnit(torch.nn.Module):
+    """What FSDP's auto-wrap does to a block's names: ``blocks.0._fsdp_wrapped_module.attn...``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = module
+
+
+def _shard_like_fsdp(model: torch.nn.Module) -> None:
+    """FSDP with use_orig_params as configure_optimizers sees it: each block its own unit, and every parameter a
+    1-d view of its rank's shard of the flat parameter (here: the whole parameter flattened)."""
+    for index, block in enumerate(list(model.blocks)):
+        model.blocks[index] = _FSDPUnit(block)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach().flatten()))
+
+
+def _decay_by_name(model, optimizer) -> dict[str, tuple[float, float]]:
+    names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["weight_decay"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups
+            for p in g["params"]}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.65])
+def test_fsdp_flattened_parameters_keep_their_weight_decay_groups(tmp_path, layer_decay):
+    from deit_train.modules.optim import OptimRecipe
+
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null",
+                          f"optim.layer_decay={layer_decay if layer_decay else 'null'}"], tmp_path)
+    plain = instantiate(cfg.module)
+    expected = _decay_by_name(plain.student, OptimRecipe(layer_decay=layer_decay).build(plain.student, 512, 100, 10)[0])
+    assert expected["blocks.0.attn.qkv.weight"][0] == 0.05 and expected["blocks.0.norm1.weight"][0] == 0.0
+
+    module = instantiate(cfg.module)
+    module.setup("fit")  # Lightning: setup, then the strategy wraps, then configure_optimizers
+    _shard_like_fsdp(module.student)
+    assert all(p.ndim == 1 for p in module.student.parameters())
+    optimizer = module.optim.build(module.student, 512, 100, 10, ndims=module._parameter_ndims)[0]
+    assert _decay_by_name(module.student, optimizer) == expected
