@@ -88,3 +88,30 @@ def test_fsdp_flattened_parameters_keep_their_weight_decay_groups(tmp_path, laye
     assert all(p.ndim == 1 for p in module.student.parameters())
     optimizer = module.optim.build(module.student, 512, 100, 10, ndims=module._parameter_ndims)[0]
     assert _decay_by_name(module.student, optimizer) == expected
+
+
+# ---- fp16/bf16 with gradient clipping where the recipe picks the fused AdamW (CUDA) ---------------------------------
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_with_clipping_trains_where_adamw_would_be_fused(tmp_path, monkeypatch, precision):
+    """On CUDA the recipe fuses AdamW; Lightning's mixed-precision plugin refuses to clip the gradients of an
+    optimizer that unscales in its step ("HINT: Are you using a 'fused' optimizer?"). The CUDA choice is faked on
+    CPU (torch's fused AdamW runs there too); fp16 gets its GradScaler as on CUDA."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import deit_train.modules.optim as optim
+
+    monkeypatch.setattr(optim, "parameters_on_cuda", lambda model: True)
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null"],
+                         tmp_path)
+    module, data = instantiate(cfg.module), instantiate(cfg.data)
+    scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu", scaler)], gradient_clip_val=1.0,
+                        max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    defaults = trainer.optimizers[0].defaults
+    assert defaults["foreach"] is True and not defaults["fused"]
+    # without clipping the fused kernel stays the CUDA choice
+    assert optim.OptimRecipe().kernel_options(module.student, clipped_under_amp=False) == {"fused": True}

@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import lightning as L
+from lightning.pytorch.plugins.precision import MixedPrecision
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -71,6 +72,10 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | Non
     return [group for group in groups.values() if group["params"]]
 
 
+def parameters_on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
+
+
 class RecipeCosineScheduler(CosineLRScheduler):
     """timm's cosine schedule, rebuilt from the run's config on resume instead of restored from the checkpoint.
 
@@ -126,17 +131,21 @@ class OptimRecipe:
                     f"global batch {global_batch} / optim.reference_batch={self.reference_batch}), so the schedule "
                     f"would rise: lower optim.{option} or raise optim.base_lr or the batch size")
 
-    def kernel_options(self, model: nn.Module) -> dict:
-        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math."""
+    def kernel_options(self, model: nn.Module, clipped_under_amp: bool = False) -> dict:
+        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math.
+
+        ``clipped_under_amp``: gradients are clipped under a mixed-precision plugin (``16-mixed``/``bf16-mixed``
+        with ``trainer.gradient_clip_val``). Lightning refuses to clip for an optimizer that unscales inside its
+        step, as the fused one does, so that case takes foreach on CUDA too."""
         if self.name.lower() not in ("adamw", "adam"):
             return {}
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        return {"fused": True} if on_cuda else {"foreach": True}
+        return {"fused": True} if parameters_on_cuda(model) and not clipped_under_amp else {"foreach": True}
 
     def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int,
-              ndims: dict[str, int] | None = None):
+              ndims: dict[str, int] | None = None, clipped_under_amp: bool = False):
         """``ndims``: the parameters' dimensions recorded before a strategy wrapped ``model``
-        (:func:`parameter_ndims`), which decide the weight-decay groups."""
+        (:func:`parameter_ndims`), which decide the weight-decay groups; ``clipped_under_amp``: see
+        :meth:`kernel_options`."""
         self.check(global_batch)
         if self.layer_decay is not None and not hasattr(model, "blocks"):
             raise ConfigError(f"optim.layer_decay={self.layer_decay} needs a ViT/DeiT (blocks.<k>), got "
@@ -144,7 +153,7 @@ class OptimRecipe:
         params = param_groups(model, self.weight_decay, self.layer_decay, ndims)
         optimizer = create_optimizer_v2(
             params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model),
+            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model, clipped_under_amp),
         )
         warmup_lr, min_lr = self.bounds(global_batch)
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
@@ -179,10 +188,15 @@ class RecipeTrainedModule(L.LightningModule):
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
         global_batch = self.global_batch_size()
         optimizer, scheduler = self.optim.build(getattr(self, self.optimized_attr), global_batch, total_steps,
-                                                steps_per_epoch, ndims=getattr(self, "_parameter_ndims", None))
+                                                steps_per_epoch, ndims=getattr(self, "_parameter_ndims", None),
+                                                clipped_under_amp=self.clips_under_amp())
         self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
                                  "optim/total_steps": total_steps}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def clips_under_amp(self) -> bool:
+        """Whether Lightning clips gradients through a mixed-precision plugin (fp16 with its GradScaler, bf16)."""
+        return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
 
     def setup(self, stage: str) -> None:
         # Lightning calls setup before the strategy wraps the module and configure_optimizers after
