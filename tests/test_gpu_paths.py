@@ -115,3 +115,43 @@ def test_mixed_precision_with_clipping_trains_where_adamw_would_be_fused(tmp_pat
     assert defaults["foreach"] is True and not defaults["fused"]
     # without clipping the fused kernel stays the CUDA choice
     assert optim.OptimRecipe().kernel_options(module.student, clipped_under_amp=False) == {"fused": True}
+
+
+# ---- FSDP combinations that would run wrong are refused before anything trains -------------------------------------
+DISTILL = ["experiment=deit_small_distill", "teacher.checkpoint=/t.pth"]
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ([*DISTILL, "module.ema_decay=0.99996"], "module.ema_decay=0.99996 does not work with "
+     "strategy=fsdp (the student's parameters are shards): use strategy=ddp, or module.ema_decay=null"),
+    (["experiment=simmim_pretrain"], "trainer.gradient_clip_val=5.0 does not work with strategy=fsdp (Lightning's "
+     "FSDP precision plugin cannot clip): use strategy=ddp, or trainer.gradient_clip_val=null"),
+    (DISTILL, "callbacks.token_diagnostics does not work with strategy=fsdp (the heads' "
+     "weights are sharded): use strategy=ddp, or drop it with ~callbacks.token_diagnostics"),
+])
+def test_fsdp_refuses_what_it_would_run_wrong(tmp_path, overrides, refused):
+    from deit_train.errors import ConfigError
+    from deit_train.run.preflight import check_options
+
+    with pytest.raises(ConfigError) as error:
+        check_options(compose_config([*overrides, "strategy=fsdp"], tmp_path))
+    assert str(error.value) == refused
+    check_options(compose_config(overrides, tmp_path))  # DDP takes them
+
+
+def test_fsdp_takes_a_distilled_run_without_those_options(tmp_path):
+    from deit_train.run.preflight import check_options
+
+    check_options(compose_config([*DISTILL, "strategy=fsdp", "~callbacks.token_diagnostics"], tmp_path))
+    check_options(compose_config(["experiment=simmim_pretrain", "strategy=fsdp", "trainer.gradient_clip_val=null"],
+                                 tmp_path))
+
+
+def test_fsdp_refusal_is_one_line_and_exit_2_before_training(tmp_path, digits_teacher_file):
+    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "strategy=fsdp",
+                    "module.ema_decay=0.9"], tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: module.ema_decay=0.9 does not work with strategy=fsdp (the "
+                                                    "student's parameters are shards): use strategy=ddp, or "
+                                                    "module.ema_decay=null")
+    assert not (tmp_path / "run" / "checkpoints").exists()
