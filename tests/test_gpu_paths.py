@@ -28,9 +28,9 @@ def test_ema_is_kept_outside_the_wrapped_module_and_frozen(tmp_path):
     assert not any(p.requires_grad for p in module.ema.module.parameters())
 
 
-def test_ema_under_two_process_ddp_trains_moves_and_resumes(tmp_path, digits_teacher_file):
+def test_ema_under_two_process_ddp_trains_and_moves(tmp_path, digits_teacher_file):
     """2 gloo processes, 2 epochs with an EMA: no "Expected to have finished reduction" at step 2, the EMA weights
-    of epoch 1 differ from epoch 0's and from the student's, and the checkpoint holds them for resume/export."""
+    of epoch 1 differ from epoch 0's and from the student's, and the checkpoints hold them (resume: test_stream)."""
     args = ["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
             *FAST_DIGITS, "trainer.max_epochs=2", "module.ema_decay=0.5", "strategy=ddp_cpu", "trainer.devices=2",
             "callbacks.model_checkpoint.save_top_k=-1", "test=false"]
@@ -155,3 +155,33 @@ def test_fsdp_refusal_is_one_line_and_exit_2_before_training(tmp_path, digits_te
                                                     "student's parameters are shards): use strategy=ddp, or "
                                                     "module.ema_decay=null")
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- a compiled student still fills the token diagnostics --------------------------------------------------------
+def _diagnosed_fit(tmp_path, teacher_file, compile: bool) -> list[float]:
+    import lightning as L
+
+    from deit_train.run.diagnostics import TokenDiagnostics
+
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, f"teacher.checkpoint={teacher_file}",
+                          "teacher.min_val_top1=0", "teacher.precision=fp32", f"module.compile={compile}"], tmp_path)
+    L.seed_everything(0)
+    module, data, diagnostics = instantiate(cfg.module), instantiate(cfg.data), TokenDiagnostics()
+    # the sanity check compiles the evaluation graph before the first validation epoch, as in a real run
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=2,
+                        num_sanity_val_steps=1, callbacks=[diagnostics], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert [record["epoch"] for record in diagnostics.history] == [0]
+    return diagnostics.history[0]["cosine"]
+
+
+def test_compiled_student_fills_the_token_diagnostics_like_the_eager_one(tmp_path, digits_teacher_file, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # drop-path draws as eager draws them
+    eager = _diagnosed_fit(tmp_path / "eager", digits_teacher_file, compile=False)
+    compiled = _diagnosed_fit(tmp_path / "compiled", digits_teacher_file, compile=True)
+    assert len(compiled) == len(eager) == 3  # embeddings, block 1, output norm of the 2-block student
+    # the compiled kernels reorder float sums: cosines agree to 1e-4
+    assert compiled == pytest.approx(eager, abs=1e-4)
