@@ -80,7 +80,7 @@ class ImageDataModule(L.LightningDataModule):
         :mod:`deit_train.data.stream` (also used by the teacher-only pass, which walks every rank's share)."""
         sampler = SeededSampler(self.train_set, num_replicas, rank, seed=self.seed,
                                 order=self.train_order(num_replicas, rank))
-        return self._loader(SeededDataset(self.train_set), train=True, sampler=sampler)
+        return self._loader(SeededDataset(self.train_set, self.seed), train=True, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())

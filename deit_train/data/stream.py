@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 # kinds of draws, so that a sample seed never equals a step seed
-_SAMPLE, _STEP = 0, 1
+_SAMPLE, _STEP, _INDEX = 0, 1, 2
 
 
 def stream_seed(*keys: int) -> int:
@@ -35,6 +35,11 @@ def stream_seed(*keys: int) -> int:
 def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
     """Seed of the ``position``-th sample of ``rank``'s share of ``epoch``."""
     return stream_seed(_SAMPLE, seed, epoch, rank, position)
+
+
+def index_seed(seed: int, index: int) -> int:
+    """Seed of sample ``index`` read without a seeded sampler (the same in every epoch)."""
+    return stream_seed(_INDEX, seed, index)
 
 
 def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -120,16 +125,21 @@ class StreamLoader(DataLoader):
 
 class SeededDataset(Dataset):
     """Reads ``dataset[index]`` for keys ``(index, seed)`` after seeding the global generators with ``seed``, so
-    a sample's augmentation depends on its seed alone (not on the worker, nor on the samples before it)."""
+    a sample's augmentation depends on its seed alone (not on the worker, nor on the samples before it).
 
-    def __init__(self, dataset: Dataset) -> None:
+    A plain ``index`` comes from a sampler Lightning put in place of :class:`SeededSampler` (``overfit_batches``
+    uses a ``SequentialSampler``): its seed is :func:`index_seed` of ``seed``, so the overfitted batches are the
+    same augmented images in every epoch."""
+
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
         self.dataset = dataset
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]):
-        index, seed = key
+    def __getitem__(self, key: tuple[int, int] | int):
+        index, seed = (key, index_seed(self.seed, key)) if isinstance(key, int) else key
         seed_globals(seed, cpu_only=True)  # workers never touch CUDA; the main process keeps its CUDA stream
         return self.dataset[index]
 
