@@ -285,3 +285,30 @@ def test_a_teacher_of_other_classes_than_the_pack_stops_the_teacher_only_pass(tm
     with pytest.raises(ConfigError, match="the teacher knows other classes than the data"):
         fill_cache(cfg, progress=False)
     assert not (tmp_path / "cache").exists()
+
+
+def test_hf_dataset_packs_with_its_class_names_and_gives_the_same_stream(tmp_path, digits_pack):
+    import datasets
+
+    from deit_train.data import HFDataModule
+    from deit_train.pack import compose_pack_config, pack
+
+    folder = digits_pack[0]
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=list("ABCDEFGHIJ"))})
+    splits = {}
+    for split, name in (("train", "train"), ("val", "validation")):
+        files = _files(folder, split)
+        splits[name] = datasets.Dataset.from_dict(
+            {"image": [str(p) for p, _ in files], "label": [label for _, label in files]}, features=features)
+    saved = tmp_path / "saved"
+    datasets.DatasetDict(splits).save_to_disk(str(saved))
+    meta = pack(compose_pack_config(["data=hf", f"data.path={saved}", f"out={tmp_path / 'pack'}", "pack.workers=2",
+                                     "progress=false"]))
+    assert meta["classes"] == list("ABCDEFGHIJ") and meta["source"]["kind"] == "hf"
+    stored = ShardsDataModule(root=str(tmp_path / "pack"), num_workers=0)
+    stored.setup()
+    raw = datasets.load_from_disk(str(saved))["train"].cast_column("image", datasets.Image(decode=False))
+    assert [stored.train_set.read(i)["image"] for i in range(len(raw))] == [row["image"]["bytes"] for row in raw]
+    common = dict(image_size=16, batch_size=8, recipe=AugmentRecipe(**DEIT), seed=5, pin_memory=False, num_workers=0)
+    assert _batches(ShardsDataModule(root=str(tmp_path / "pack"), **common)) == _batches(
+        HFDataModule(path=str(saved), **common))
