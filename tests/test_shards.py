@@ -96,6 +96,8 @@ def test_pack_round_trip_is_byte_identical_and_resized_images_are_within_max_sid
             else:
                 assert item["image"] == original and item["kind"] in ("original", "unreadable")
     assert resized == 2
+    # the offset-table layout (one slice per random read), not litdata's Arrow batches (a batch decoded per read)
+    assert json.loads((tmp_path / "pack" / "train" / "index.json").read_text())["config"]["types"]["image"] == "file"
     assert meta["splits"]["train"]["kinds"] == {"original": 3, "resized": 1, "unreadable": 1}
     assert meta["splits"]["train"]["unreadable_examples"] == ["train/c1/9-broken.jpg"]
     with pytest.raises(CorruptImageError, match=r"train\[4\] \(train/c1/9-broken.jpg\)"):
