@@ -248,6 +248,26 @@ def test_damaged_image_bytes_in_a_shard_stop_with_the_item_or_are_skipped(tmp_pa
     assert label == dm.train_set.targets[1] and tolerant.skipped_corrupt == 1
 
 
+def test_a_source_file_that_cannot_be_read_is_packed_as_unreadable_not_a_hang(tmp_path, digits_pack, monkeypatch):
+    from deit_train.data.pack import FolderSplit
+
+    original = FolderSplit.encoded
+
+    def denied(self, index):  # runs in the forked packing worker
+        if self.name(index) == "train/digit0/003.png":
+            raise PermissionError(13, "Permission denied")
+        return original(self, index)
+
+    monkeypatch.setattr(FolderSplit, "encoded", denied)
+    meta = pack_folder(digits_pack[0], tmp_path / "pack", workers=1)
+    assert meta["splits"]["train"]["kinds"]["unreadable"] == 1
+    assert meta["splits"]["train"]["unreadable_examples"] == ["train/digit0/003.png"]
+    dm = ShardsDataModule(root=str(tmp_path / "pack"), num_workers=0)
+    dm.setup()
+    with pytest.raises(CorruptImageError, match=r"train\[3\] \(train/digit0/003.png\)"):
+        dm.train_set[3]
+
+
 def _pack_command(args: list[str], capsys) -> tuple[int, str, str]:
     """``python -m deit_train.pack <args>`` in this process: (exit status, stdout, stderr)."""
     from deit_train.pack import main

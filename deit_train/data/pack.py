@@ -46,9 +46,11 @@ class FolderSplit:
     def __len__(self) -> int:
         return len(self.samples)
 
+    def name(self, index: int) -> str:
+        return str(Path(self.samples[index][0]).relative_to(self.root))
+
     def encoded(self, index: int) -> tuple[bytes, str]:
-        path = Path(self.samples[index][0])
-        return path.read_bytes(), str(path.relative_to(self.root))
+        return Path(self.samples[index][0]).read_bytes(), self.name(index)
 
     def listing(self) -> str:
         digest = hashlib.sha256()
@@ -69,9 +71,12 @@ class HFSplit:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def name(self, index: int) -> str:
+        return f"{self.split}[{index}]"
+
     def encoded(self, index: int) -> tuple[bytes, str]:
         cell = self.ds[int(index)][self.image_column]
-        name = f"{self.split}[{index}]"
+        name = self.name(index)
         if isinstance(cell, dict):
             if cell.get("bytes") is not None:
                 return bytes(cell["bytes"]), cell.get("path") or name
@@ -168,8 +173,11 @@ class PackItem:
     def __call__(self, index: int) -> dict:
         from litdata.types import File
 
-        data, name = self.part.encoded(index)
-        stored, kind = fit_image(data, self.max_side, self.quality)
+        try:
+            data, name = self.part.encoded(index)
+            stored, kind = fit_image(data, self.max_side, self.quality)
+        except OSError:  # unreadable source file (vanished, no permission): counted, and met at training as corrupt
+            stored, kind, name = b"", UNREADABLE, self.part.name(index)
         with self.counter.get_lock():
             self.counter.value += 1
         # File: litdata stores the bytes behind an offset table (one slice per random read). As a plain ``bytes``
