@@ -30,6 +30,7 @@ from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train import benchmark as benchmark_cli
 from deit_train import export as export_cli
 from deit_train import predict as predict_cli
+from deit_train.pack import compose_pack_config
 from deit_train.run.cli import parse_args, run_main
 from deit_train.compare import main as compare_runs
 from deit_train.run.config import CONFIG_DIR
@@ -115,6 +116,13 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
         ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
+    "python -m deit_train.pack data=imagefolder data.root=/data/imagenet out=/nvme/imagenet-pack":
+        ("options", "ImageNet: tests/test_shards.py packs small folders"),
+    "python -m deit_train.pack data=hf data.path=/data/imagenet-hf out=/nvme/imagenet-pack":
+        ("options", "a saved data set: tests/test_shards.py packs a small one"),
+    "python -m deit_train experiment=deit_small_distill data=shards data.root=/nvme/imagenet-pack":
+        ("compose", "a pack of ImageNet"),
+    "python scripts/benchmark_pack.py --num-images 1000": ("not run", "a timed benchmark (minutes here)"),
     "scancel --signal=USR1 <job id>":
         ("elsewhere", "test_slurm_requeue_signal.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
     "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
@@ -180,6 +188,9 @@ def test_readme_command_composes(command, tmp_path):
 @pytest.mark.parametrize("command", [c for c, (kind, _) in CHECKS.items() if kind == "options"])
 def test_readme_tool_options_parse(command):
     words = shlex.split(command)
+    if words[2] == "deit_train.pack":  # a Hydra-composed command: its options compose (an unknown one raises)
+        assert compose_pack_config(words[3:]).out == dict(w.split("=", 1) for w in words[3:])["out"]
+        return
     tool = {"deit_train.benchmark": benchmark_cli}[words[2]]
     parse_args(tool.DEFAULTS, words[3:], tool.USAGE)
 
