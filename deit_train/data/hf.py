@@ -155,12 +155,12 @@ class HFDataModule(AugmentedDataModule):
         seed: int = 0,
         image_size: int = 224,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         recipe: AugmentRecipe | None = None,
         skip_corrupt: bool = False,
         train_fraction: float = 1.0,
@@ -264,8 +264,7 @@ class HFDataModule(AugmentedDataModule):
         return self._stream_loader(self.train_set, True) if self.streaming else super().train_dataloader()
 
     def _stream_loader(self, dataset: IterableDataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **self.loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._stream_loader(self.val_set, False) if self.streaming else super().val_dataloader()
