@@ -4,7 +4,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
+
+from deit_train.data.device_augment import DeviceFinish, DeviceImages
 
 from deit_train.data.stream import SeededDataset, SeededSampler
 from deit_train.data.subset import balanced_subset, check_fraction
@@ -25,6 +29,7 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     num_classes: int
+    device_finish: DeviceFinish | None = None  # set with a uint8 train transform
 
     def __init__(
         self,
@@ -105,6 +110,23 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
+            return [DeviceFinish.params_to_host(batch[0]), *batch[1:]]
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages; others pass through."""
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
+            return [self.device_finish(batch[0]), *batch[1:]]
+        return batch
+
+    def batch_to_device(self, batch, device: torch.device | str):
+        """What Lightning does with a batch before a training step, for loops without a Trainer (the teacher-only
+        pass, benchmarks): the transfer hooks around the move to ``device``."""
+        batch = self.on_before_batch_transfer(batch, 0)
+        return self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -32,10 +32,11 @@ class FakeDataModule(AugmentedDataModule):
         seed: int = 0,
         train_fraction: float = 1.0,
         split_seed: int = 0,
+        uint8_workers: bool = True,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed, train_fraction=train_fraction, split_seed=split_seed)
+                         seed=seed, train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
         self.num_classes = num_classes
         self.num_train, self.num_val = num_train, num_val
         self.source_shape = (3, *source_size)
