@@ -65,8 +65,12 @@ class ErasingDraws:
     """timm's ``RandomErasing`` draws of one sample, made in the worker at the point the CPU path makes them."""
 
     def __init__(self, eraser: RandomErasing) -> None:
+        self.per_pixel, self.rand_color = eraser.per_pixel, eraser.rand_color  # the device's fill
         self.eraser = copy.copy(eraser)
-        self.eraser.device = "meta"  # the noise is not drawn here: torch's generator stays where the CPU path has it
+        # the probe's fill is a constant: the noise is not drawn here, so torch's generator stays where the CPU
+        # path has it when it draws the noise (the box draws are python's ``random``, whatever the fill)
+        self.eraser.per_pixel = self.eraser.rand_color = False
+        self.eraser.device = "cpu"
 
     def __call__(self, image: Tensor) -> dict:
         state = torch.random.get_rng_state()
@@ -173,10 +177,10 @@ class WorkerTransform:
 
     def finish(self, mean: Sequence[float], std: Sequence[float]) -> "DeviceFinish":
         """The device side matching this worker side."""
-        eraser = self.erasing.eraser if self.erasing is not None else None
+        erasing = self.erasing
         return DeviceFinish(mean, std, self.randaugment.names if self.randaugment is not None else None,
                             self.randaugment.fill if self.randaugment is not None else (128, 128, 128),
-                            per_pixel=bool(eraser and eraser.per_pixel), rand_color=bool(eraser and eraser.rand_color))
+                            per_pixel=bool(erasing and erasing.per_pixel), rand_color=bool(erasing and erasing.rand_color))
 
 
 # ---- the device side -----------------------------------------------------------------------------------------
