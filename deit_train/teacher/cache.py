@@ -90,7 +90,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 def source_identity(datamodule) -> str:
     """What the training images are, beyond the config: a hash of the file list (folders), of the arrays (digits,
-    CIFAR) or the HF dataset fingerprint; the config alone for synthetic data."""
+    CIFAR), the HF dataset fingerprint or a pack's content digest; the config alone for synthetic data."""
+    if getattr(datamodule, "content_digest", None):  # a pack: its images and labels, wherever it lies
+        return datamodule.content_digest
     dataset = datamodule.train_set
     while hasattr(dataset, "dataset") and not hasattr(dataset, "samples"):  # wrappers (SkipCorrupt)
         dataset = dataset.dataset
@@ -120,6 +122,8 @@ def run_fingerprint(cfg: DictConfig, datamodule, teacher: nn.Module, world_size:
                     dtype: str) -> dict:
     """Everything that decides the teacher's output at (epoch, rank, batch) -- and nothing about the student."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _LOADER_OPTIONS}
+    if getattr(datamodule, "content_digest", None):  # the digest says what the images are; a moved pack is the same
+        data.pop("root", None)
     augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") is not None else None
     device_augment = bool(augment.pop("device", False)) if augment is not None else False
     extra = {"device_augment": device_identity(_run_device(datamodule, teacher))} if device_augment else {}
