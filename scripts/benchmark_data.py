@@ -11,6 +11,9 @@ so other load on the machine slows them less than wall-clock rates (they stay no
     folder (deit, today)        + to tensor, normalise, random erasing: today's CPU path, float32 out
     folder + uint8 workers      the worker side of data.uint8_workers=true (uint8 out + erasing draws)
     folder + device RandAugment the worker side of augment.device=true (reduced-DCT decode, crop, flip, draws)
+    shards (deit, today)        today's CPU path reading a pack (python -m deit_train.pack, max_side 512) by index
+    shards + uint8 workers      ... the uint8 worker side
+    shards + device RandAugment ... the device path's worker side
     device stage (CPU tensors)  what the device does after the transfer (RandAugment kernels, normalise, erasing),
                                 timed on CPU tensors in batches of --device-batch (on a GPU it costs GPU time)
     baseline                    torchvision's plain decode + RandomResizedCrop(224) + PILToTensor
@@ -72,17 +75,46 @@ def write_jpegs(folder: Path, count: int, max_side: int = 2000, seed: int = 0) -
     return paths
 
 
-def per_core_rate(paths: list[Path], pipeline, rounds: int) -> float:
+def per_core_rate(items: list, pipeline, rounds: int) -> float:
     """Images per second of CPU time, every image under its own seed (the deterministic stream's way)."""
-    for seed, path in enumerate(paths[:2]):  # warm-up: lazy imports, caches
+    for seed, item in enumerate(items[:2]):  # warm-up: lazy imports, caches, readers
         seed_globals(seed, cpu_only=True)
-        pipeline(path)
+        pipeline(item)
     started = time.process_time()
     for round_ in range(rounds):
-        for seed, path in enumerate(paths):
-            seed_globals(round_ * len(paths) + seed, cpu_only=True)
-            pipeline(path)
-    return rounds * len(paths) / (time.process_time() - started)
+        for seed, item in enumerate(items):
+            seed_globals(round_ * len(items) + seed, cpu_only=True)
+            pipeline(item)
+    return rounds * len(items) / (time.process_time() - started)
+
+
+def write_pack(paths: list[Path], folder: Path, max_side: int) -> tuple[Path, float]:
+    """The JPEGs as an ImageNet-layout folder packed by ``deit_train.data.pack`` (one worker); (pack, img/s)."""
+    from deit_train.data.pack import pack_folder
+
+    source = folder / "source"
+    for split, members in (("train", paths), ("val", paths[:1])):
+        (source / split / "c0").mkdir(parents=True)
+        for path in members:
+            (source / split / "c0" / path.name).symlink_to(path)
+    started = time.perf_counter()
+    pack_folder(source, folder / "pack", max_side=max_side, quality=90, workers=1)
+    return folder / "pack", (len(paths) + 1) / (time.perf_counter() - started)
+
+
+def shard_pipelines(pack: Path, size: int) -> dict:
+    """The three worker paths reading the pack's train split by index."""
+    from deit_train.data.shards import ShardsDataModule
+
+    rows = {"shards (deit, today)": (AugmentRecipe(**DEIT), False),
+            "shards + uint8 workers": (AugmentRecipe(**DEIT), True),
+            "shards + device RandAugment (CPU share)": (AugmentRecipe(**DEIT, device=True), True)}
+    pipelines = {}
+    for name, (recipe, uint8) in rows.items():
+        dm = ShardsDataModule(root=str(pack), image_size=size, num_workers=0, recipe=recipe, uint8_workers=uint8)
+        dm.setup("fit")
+        pipelines[name] = dm.train_set.__getitem__
+    return pipelines
 
 
 def stage_pipelines(size: int) -> dict:
@@ -119,6 +151,8 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--max-side", type=int, default=2000, help="longest side of the size mix's tail")
     parser.add_argument("--device-batch", type=int, default=64)
+    parser.add_argument("--pack-max-side", type=int, default=512, help="pack.max_side of the shards rows")
+    parser.add_argument("--no-shards", action="store_true", help="leave the shards rows out")
     parser.add_argument("--gpu-rate", type=float, default=4000.0, help="img/s per GPU to feed (cores/node column)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table here")
@@ -138,6 +172,12 @@ def main() -> None:
         paths = write_jpegs(Path(tmp), args.num_images, args.max_side)
         sizes = sorted(Image.open(p).size[0] * Image.open(p).size[1] for p in paths)
         rates = {name: per_core_rate(paths, fn, args.rounds) for name, fn in pipelines.items()}
+        pack_rate = None
+        if not args.no_shards:
+            pack, pack_rate = write_pack(paths, Path(tmp), args.pack_max_side)
+            indices = list(range(len(paths)))
+            rates.update({name: per_core_rate(indices, fn, args.rounds)
+                          for name, fn in shard_pipelines(pack, size).items()})
         rates["device stage (CPU tensors)"] = device_stage_rate(paths, size, args.device_batch, max(1, args.rounds))
 
     reference = rates[REFERENCE]
@@ -151,10 +191,12 @@ def main() -> None:
     lines = [f"| path | img/s per core | vs {REFERENCE} | cores/node |", "|---|---:|---:|---:|"]
     lines += [f"| {r['path']} | {r['img_per_s_per_core']:.1f} | {r['ratio']:.2f}x | {r['cores_per_8_gpu_node']:.0f} |"
               for r in rows]
+    if pack_rate is not None:
+        header += f"; pack rate {pack_rate:.1f} img/s (one worker, wall clock, max_side {args.pack_max_side})"
     print(header)
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"setup": header, "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"setup": header, "rows": rows, "pack_img_per_s": pack_rate}, indent=2))
     if args.markdown:
         args.markdown.write_text(header + "\n\n" + "\n".join(lines) + "\n")
 

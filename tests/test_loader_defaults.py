@@ -51,6 +51,6 @@ def test_null_options_resolve_at_loader_time(monkeypatch):
 
 
 def test_configs_default_to_granted_cpus_and_device_pinning():
-    for source in ("imagefolder", "fake", "cifar10", "hf"):
+    for source in ("imagefolder", "fake", "cifar10", "hf", "shards"):
         data = OmegaConf.load(ROOT / "configs" / "data" / f"{source}.yaml")
         assert data.num_workers is None and data.pin_memory is None, source
