@@ -202,8 +202,8 @@ def _affine(images: Tensor, fill, shear=(0.0, 0.0), translate=(0.0, 0.0)) -> Ten
                     interpolation=InterpolationMode.BILINEAR, fill=fill, center=[0, 0])
 
 
-# op name -> (kernel(images, arg, fill), takes one shared argument per group?)
-# batched: no argument, or an integer argument shared by a group; per sample: continuous magnitudes
+# timm op name -> (kernel(images, level argument, fill), grouping): "batch" = one call for every image with the op,
+# "by_value" = one call per distinct (integer) argument, "each" = one call per image (a continuous magnitude)
 _KERNELS = {
     "AutoContrast": (lambda x, a, fill: F.autocontrast(x), "batch"),
     "Equalize": (lambda x, a, fill: F.equalize(x), "batch"),
