@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import ImageFolder
 
-from conftest import FAST_DIGITS, compose_config, run_cli
+from conftest import FAST_DIGITS, compose_config
 from deit_train.data import AugmentRecipe, ImageFolderDataModule, ShardsDataModule
 from deit_train.data.images import CorruptImageError
 from deit_train.data.pack import PackSource, pack_folder, write_pack
@@ -96,6 +96,9 @@ def test_pack_round_trip_is_byte_identical_and_resized_images_are_within_max_sid
             else:
                 assert item["image"] == original and item["kind"] in ("original", "unreadable")
     assert resized == 2
+    # the offset-table layout (one slice per random read), not litdata's Arrow batches (a batch decoded per read)
+    leaves = json.loads((tmp_path / "pack" / "train" / "index.json").read_text())["config"]["data_format"]
+    assert "file" in leaves and "bytes" not in leaves
     assert meta["splits"]["train"]["kinds"] == {"original": 3, "resized": 1, "unreadable": 1}
     assert meta["splits"]["train"]["unreadable_examples"] == ["train/c1/9-broken.jpg"]
     with pytest.raises(CorruptImageError, match=r"train\[4\] \(train/c1/9-broken.jpg\)"):
@@ -246,7 +249,21 @@ def test_damaged_image_bytes_in_a_shard_stop_with_the_item_or_are_skipped(tmp_pa
     assert label == dm.train_set.targets[1] and tolerant.skipped_corrupt == 1
 
 
-def test_pack_command_resumes_and_refuses_another_source_in_one_line(tmp_path, digits_pack):
+def _pack_command(args: list[str], capsys) -> tuple[int, str, str]:
+    """``python -m deit_train.pack <args>`` in this process: (exit status, stdout, stderr)."""
+    from deit_train.pack import main
+
+    capsys.readouterr()
+    try:
+        main([*args, "progress=false"])
+        status = 0
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_pack_command_resumes_and_refuses_another_source_in_one_line(tmp_path, digits_pack, capsys):
     folder, pack = digits_pack
     expected = json.loads((pack / "pack.json").read_text())
     out = tmp_path / "pack"
@@ -254,10 +271,9 @@ def test_pack_command_resumes_and_refuses_another_source_in_one_line(tmp_path, d
     (out / "pack.json").unlink()
     shutil.rmtree(out / "val")  # interrupted after the train split
     train_files = {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()}
-    result = run_cli([f"data.root={folder}", f"out={out}", "pack.workers=1", "progress=false"], tmp_path / "cli",
-                     tmp_path / "cache", module="deit_train.pack")
-    assert result.returncode == 0, result.stderr
-    assert f"train with: data=shards data.root={out}" in result.stdout
+    status, stdout, stderr = _pack_command([f"data.root={folder}", f"out={out}", "pack.workers=1"], capsys)
+    assert status == 0, stderr
+    assert f"train with: data=shards data.root={out}" in stdout
     assert {p.name: p.stat().st_mtime_ns for p in (out / "train").iterdir()} == train_files  # not written again
     assert json.loads((out / "pack.json").read_text())["digest"] == expected["digest"]
     other = _digits_folder(tmp_path / "other", {"train": 2, "val": 1})
@@ -265,9 +281,9 @@ def test_pack_command_resumes_and_refuses_another_source_in_one_line(tmp_path, d
                           ([f"data.root={folder}", f"out={folder}"], "is not empty and holds no pack"),
                           ([f"data.root={folder}"], "out is not set"),
                           ([f"data.root={folder}", f"out={out}", "outt=1"], "not an option of the pack command")):
-        result = run_cli([*args, "progress=false"], tmp_path / "cli", tmp_path / "cache", module="deit_train.pack")
-        assert result.returncode == 2 and result.stderr.strip().splitlines() == [f"error: {result.stderr.strip()[7:]}"]
-        assert message in result.stderr
+        status, stdout, stderr = _pack_command(args, capsys)
+        assert status == 2 and len(stderr.strip().splitlines()) == 1 and stderr.startswith("error: ")
+        assert message in stderr
 
 
 def test_a_teacher_of_other_classes_than_the_pack_stops_the_teacher_only_pass(tmp_path, digits_pack):

@@ -166,12 +166,16 @@ class PackItem:
         self.part, self.max_side, self.quality, self.counter = part, max_side, quality, counter
 
     def __call__(self, index: int) -> dict:
+        from litdata.types import File
+
         data, name = self.part.encoded(index)
         stored, kind = fit_image(data, self.max_side, self.quality)
         with self.counter.get_lock():
             self.counter.value += 1
+        # File: litdata stores the bytes behind an offset table (one slice per random read). As a plain ``bytes``
+        # leaf it would pick its Arrow layout, which decodes a 256-row batch per random read (~200x slower here).
         return {"index": int(index), "label": int(self.part.labels[index]), "name": name, "kind": kind,
-                "image": stored}
+                "image": File(bytes=stored)}
 
 
 def _write_json(path: Path, content: dict) -> None:
