@@ -86,9 +86,9 @@ def fill_cache(cfg: DictConfig, progress: bool = True) -> dict:
                 bar.update(steps[rank])
                 continue
             loader.sampler.set_epoch(epoch)
-            for batch_idx, (images, target) in zip(range(steps[rank]), loader):
+            for batch_idx, batch in zip(range(steps[rank]), loader):
+                images, target = datamodule.batch_to_device(batch, device)
                 seed_globals(step_seed(cfg.seed, epoch, batch_idx, rank))  # what StepSeeding does in training
-                images, target = images.to(device), target.to(device)
                 if mixup is not None:
                     images, target = mixup(images, target)
                 cache.at_step(batch_idx)

@@ -105,7 +105,7 @@ def test_imagefolder_classes_count_and_batches(image_tree):
     assert dm.classes == ["blue", "green", "red"] and dm.num_classes == 3
     dm.setup("fit")
     assert len(dm.train_set) == 15 and len(dm.val_set) == 12
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels = dm.batch_to_device(next(iter(dm.train_dataloader())), "cpu")  # as a training step sees it
     assert images.shape == (4, 3, SIZE, SIZE) and images.dtype == torch.float32 and labels.dtype == torch.int64
     for image, label in dm.val_set:  # eval transform keeps the colour: label and pixels agree
         assert colour_class(image) == label
@@ -173,7 +173,7 @@ def test_hf_load_from_disk_with_classlabel_names(tmp_path):
                       recipe=AugmentRecipe(name="deit", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25))
     assert dm.classes == ["blue", "green", "red"] and dm.num_classes == 3
     dm.setup("fit")
-    images, labels = next(iter(dm.train_dataloader()))
+    images, labels = dm.batch_to_device(next(iter(dm.train_dataloader())), "cpu")  # as a training step sees it
     assert images.shape == (4, 3, SIZE, SIZE) and labels.dtype == torch.int64
     assert [colour_class(img) for img, _ in dm.val_set] == [label for _, label in dm.val_set]
     with pytest.raises(ConfigError, match="data.num_classes=7 but column 'label' has 3 classes"):

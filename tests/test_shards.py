@@ -115,7 +115,8 @@ def _batches(dm, replicas: int = 1, rank: int = 0, epochs=(0, 1)) -> list[str]:
     hashes = []
     for epoch in epochs:
         loader.sampler.set_epoch(epoch)
-        for images, target in loader:
+        for batch in loader:
+            images, target = dm.batch_to_device(batch, "cpu")  # as a training step sees it
             hashes.append(hashlib.sha256(images.numpy().tobytes() + target.numpy().tobytes()).hexdigest())
     return hashes
 

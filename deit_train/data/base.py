@@ -4,16 +4,23 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import lightning as L
+import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
+from deit_train.data.device_augment import DeviceFinish, DeviceImages
 from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
+from deit_train.data.workers import default_num_workers
 
 
 class ImageDataModule(L.LightningDataModule):
     """Base of the data sources. Subclasses set ``num_classes`` in ``__init__`` (models are built from it)
     and fill ``train_set`` / ``val_set`` / ``test_set`` in :meth:`setup`.
 
+    ``num_workers`` null: the CPUs granted to this task (``SLURM_CPUS_PER_TASK`` or the affinity mask) divided by
+    the ranks sharing them (:func:`deit_train.data.workers.default_num_workers`). ``pin_memory`` null: pinned
+    when training on a CUDA device. Workers persist across epochs.
     ``batch_size`` is per device; the global batch is ``batch_size x world size x accumulation``. ``seed`` (the
     run's) seeds the training order and every sample's augmentation (:mod:`deit_train.data.stream`).
     ``train_fraction`` keeps a class-balanced subset of the training split, drawn with ``split_seed``
@@ -21,15 +28,16 @@ class ImageDataModule(L.LightningDataModule):
     """
 
     num_classes: int
+    device_finish: DeviceFinish | None = None  # set with a uint8 train transform
 
     def __init__(
         self,
         batch_size: int = 64,
-        num_workers: int = 0,
+        num_workers: int | None = 0,
         image_size: int = 224,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         seed: int = 0,
         train_fraction: float = 1.0,
         split_seed: int = 0,
@@ -54,6 +62,26 @@ class ImageDataModule(L.LightningDataModule):
             return dataset
         return Subset(dataset, balanced_subset(labels(), self.train_fraction, self.split_seed).tolist())
 
+    @property
+    def workers(self) -> int:
+        """Loader workers of this rank: ``num_workers``, or its share of the granted CPUs when that is null."""
+        if self.num_workers is not None:
+            return self.num_workers
+        return default_num_workers(getattr(self.trainer, "num_devices", 1))  # no trainer: the teacher-only pass
+
+    @property
+    def pinned(self) -> bool:
+        """``pin_memory``, or (null) whether this run trains on a CUDA device."""
+        if self.pin_memory is not None:
+            return bool(self.pin_memory)
+        device = getattr(getattr(self.trainer, "strategy", None), "root_device", None)
+        return device is not None and device.type == "cuda"
+
+    def loader_options(self) -> dict:
+        """Workers, pinning and persistence of every loader of this source."""
+        workers = self.workers
+        return dict(num_workers=workers, pin_memory=self.pinned, persistent_workers=workers > 0)
+
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
         loader = StreamLoader if isinstance(sampler, SeededSampler) else DataLoader  # the stream resumes mid-epoch
         return loader(
@@ -62,9 +90,7 @@ class ImageDataModule(L.LightningDataModule):
             shuffle=train and sampler is None,
             sampler=sampler,
             drop_last=train,  # mixup needs even batches, and BN-free ViTs gain nothing from a ragged last step
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+            **self.loader_options(),
         )
 
     def _world(self) -> tuple[int, int]:
@@ -84,6 +110,23 @@ class ImageDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
+            return [DeviceFinish.params_to_host(batch[0]), *batch[1:]]
+        return batch
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages; others pass through."""
+        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
+            return [self.device_finish(batch[0]), *batch[1:]]
+        return batch
+
+    def batch_to_device(self, batch, device: torch.device | str):
+        """What Lightning does with a batch before a training step, for loops without a Trainer (the teacher-only
+        pass, benchmarks): the transfer hooks around the move to ``device``."""
+        batch = self.on_before_batch_transfer(batch, 0)
+        return self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -22,20 +22,21 @@ class FakeDataModule(AugmentedDataModule):
         source_size: Sequence[int] = (256, 256),
         image_size: int = 224,
         batch_size: int = 64,
-        num_workers: int = 4,
+        num_workers: int | None = None,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         recipe: AugmentRecipe | None = None,
         seed: int = 0,
         train_fraction: float = 1.0,
         split_seed: int = 0,
+        uint8_workers: bool = True,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed, train_fraction=train_fraction, split_seed=split_seed)
+                         seed=seed, train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
         self.num_classes = num_classes
         self.num_train, self.num_val = num_train, num_val
         self.source_shape = (3, *source_size)

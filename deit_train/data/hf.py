@@ -19,24 +19,26 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from deit_train.data.augmented import AugmentedDataModule
-from deit_train.data.images import CorruptImageError, load_rgb, to_rgb
+from deit_train.data.images import CorruptImageError, EncodedImage, load_rgb, to_rgb
 from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def decode_image(value: Any, where: str) -> Image.Image:
-    """An image cell (undecoded ``{"bytes", "path"}``, PIL image, array or raw bytes) -> RGB PIL image."""
+def decode_image(value: Any, where: str, encoded: bool = False) -> Image.Image | EncodedImage:
+    """An image cell (undecoded ``{"bytes", "path"}``, PIL image, array or raw bytes) -> RGB PIL image;
+    ``encoded``: bytes and paths opened undecoded (:class:`EncodedImage`), for the transform to decode."""
+    load = EncodedImage if encoded else load_rgb
     if isinstance(value, Mapping):
         if value.get("bytes") is not None:
-            return load_rgb(value["bytes"], name=value.get("path") or where)
+            return load(value["bytes"], name=value.get("path") or where)
         if value.get("path"):
-            return load_rgb(Path(value["path"]))
+            return load(Path(value["path"]))
     if isinstance(value, Image.Image):
         return to_rgb(value)
     if isinstance(value, bytes):
-        return load_rgb(value, name=where)
+        return load(value, name=where)
     if isinstance(value, np.ndarray) or isinstance(value, list):
         array = np.asarray(value)
         if array.dtype != np.uint8:
@@ -58,16 +60,17 @@ class HFImageDataset(Dataset):
     """Map-style: item ``i`` = (transform(RGB image), int label)."""
 
     def __init__(self, ds: datasets.Dataset, image_column: str, label_column: str, transform: Callable | None,
-                 split: str) -> None:
+                 split: str, encoded: bool = False) -> None:
         self.ds = _undecoded(ds, image_column)
         self.image_column, self.label_column, self.transform, self.split = image_column, label_column, transform, split
+        self.encoded = encoded  # the transform decodes (see decode_image)
 
     def __len__(self) -> int:
         return len(self.ds)
 
     def __getitem__(self, index: int):
         row = self.ds[int(index)]
-        image = decode_image(row[self.image_column], f"{self.split}[{index}]")
+        image = decode_image(row[self.image_column], f"{self.split}[{index}]", self.encoded)
         return (self.transform(image) if self.transform else image), int(row[self.label_column])
 
 
@@ -155,21 +158,22 @@ class HFDataModule(AugmentedDataModule):
         seed: int = 0,
         image_size: int = 224,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         recipe: AugmentRecipe | None = None,
         skip_corrupt: bool = False,
         train_fraction: float = 1.0,
         split_seed: int = 0,
+        uint8_workers: bool = True,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                          pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed)
+                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
         if not path:
             raise ConfigError("data.path is not set: a save_to_disk folder, or a load_dataset builder such as "
                               "data.path=parquet data.data_files='{train: ..., validation: ...}'")
@@ -236,7 +240,8 @@ class HFDataModule(AugmentedDataModule):
         if not self.streaming:
             for stage_name, raw in self._raw.items():
                 data = HFImageDataset(raw, self.image_column, self.label_column, transforms[stage_name],
-                                      self.splits[stage_name])
+                                      self.splits[stage_name], encoded=stage_name == "train" and
+                                      self.encoded_train_images)
                 if stage_name == "train":
                     data = self.train_subset(data, lambda: raw[self.label_column])
                 data = self.tolerate_corrupt(data)
@@ -264,8 +269,7 @@ class HFDataModule(AugmentedDataModule):
         return self._stream_loader(self.train_set, True) if self.streaming else super().train_dataloader()
 
     def _stream_loader(self, dataset: IterableDataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **self.loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._stream_loader(self.val_set, False) if self.streaming else super().val_dataloader()

@@ -7,7 +7,7 @@ from pathlib import Path
 from torchvision.datasets import ImageFolder
 
 from deit_train.data.augmented import AugmentedDataModule
-from deit_train.data.images import pil_loader
+from deit_train.data.images import encoded_image, pil_loader
 from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
@@ -29,13 +29,13 @@ class ImageFolderDataModule(AugmentedDataModule):
         root: str | None = None,
         image_size: int = 224,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         num_classes: int | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         recipe: AugmentRecipe | None = None,
         skip_corrupt: bool = False,
         train_split: str = "train",
@@ -43,11 +43,12 @@ class ImageFolderDataModule(AugmentedDataModule):
         seed: int = 0,
         train_fraction: float = 1.0,
         split_seed: int = 0,
+        uint8_workers: bool = True,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                          pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed)
+                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
         if not root:
             raise ConfigError("data.root is not set: pass data.root=/path/to/imagenet (a folder with train/ and val/)")
         self.root = Path(root).expanduser()
@@ -68,7 +69,8 @@ class ImageFolderDataModule(AugmentedDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = ImageFolder(str(self.root / self.train_split), self.train_transform(), loader=pil_loader)
+        train = ImageFolder(str(self.root / self.train_split), self.train_transform(),
+                            loader=encoded_image if self.encoded_train_images else pil_loader)
         val = ImageFolder(str(self.root / self.val_split), self.eval_transform(), loader=pil_loader)
         if val.classes != self.classes:
             raise ConfigError(f"{self.root / self.val_split} class folders differ from "

@@ -88,6 +88,42 @@ def load_rgb(source: str | os.PathLike | bytes, name: str | None = None) -> Imag
         raise corrupt_image_error(label, exc) from exc
 
 
+class EncodedImage:
+    """An image file or its encoded bytes, opened but not decoded: :attr:`header` knows the size, :meth:`decode`
+    decodes -- a JPEG possibly at a reduced DCT scale (``Image.draft``), which decodes a quarter of the pixels or
+    fewer when only a smaller version is needed (the device augmentation path's crops)."""
+
+    def __init__(self, source: str | os.PathLike | bytes, name: str | None = None) -> None:
+        self.name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+        try:
+            self.header = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except _DECODE_ERRORS as exc:
+            if isinstance(exc, FileNotFoundError):
+                raise
+            raise corrupt_image_error(self.name, exc) from exc
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.header.size
+
+    def decode(self, at_least: tuple[int, int] | None = None) -> tuple[Image.Image, int]:
+        """(RGB image, reduction): ``at_least`` (w, h) lets a JPEG decode at 1/2, 1/4 or 1/8 of its size while
+        staying at least that large; ``reduction`` is that factor (1: full size, any other format)."""
+        try:
+            with self.header as image:
+                width = image.size[0]
+                drafted = image.draft(None, at_least) if at_least else None  # (mode, box), None: not a JPEG
+                image.load()
+                return to_rgb(image), round(width / drafted[1][2]) if drafted else 1
+        except _DECODE_ERRORS as exc:
+            raise corrupt_image_error(self.name, exc) from exc
+
+
+def encoded_image(path: str) -> EncodedImage:
+    """``ImageFolder(loader=...)`` for the device augmentation path: the file opened, decoded by the transform."""
+    return EncodedImage(Path(path))
+
+
 def pil_loader(path: str) -> Image.Image:
     """``torchvision.datasets.ImageFolder(loader=...)`` compatible :func:`load_rgb`."""
     return load_rgb(Path(path))

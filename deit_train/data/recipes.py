@@ -12,10 +12,14 @@ from typing import Literal
 from PIL import Image
 from timm.data import Mixup, create_transform
 from timm.data import auto_augment
+from timm.data.auto_augment import RandAugment, rand_augment_transform
+from timm.data.random_erasing import RandomErasing
 from timm.data.transforms import str_to_interp_mode
 from torch.utils.data import Dataset, Sampler
 from torchvision import transforms
 
+from deit_train.data.device_augment import (DraftCropFlip, ErasingDraws, RecordedRandAugment, WorkerTransform,
+                                            check_device_recipe, unsupported_ops)
 from deit_train.data.samplers import RepeatedAugSampler
 from deit_train.data.transforms import eval_transform
 from deit_train.errors import ConfigError
@@ -46,6 +50,10 @@ class AugmentRecipe:
         repeated_aug: copies of each image per epoch through :class:`RepeatedAugSampler` (1 = off). As in the
             official DeiT code it is used only when training on more than one process.
         repeated_aug_full_epoch: see :class:`RepeatedAugSampler`.
+        device: RandAugment on the device (:mod:`deit_train.data.device_augment`): workers decode (JPEG at a
+            reduced DCT scale where the crop allows), crop, flip and draw the ops; the device applies them. Same
+            draws as the CPU path, pixels within resampling arithmetic of it: another stream. Off: the exact CPU
+            path.
     """
 
     def __init__(
@@ -68,6 +76,7 @@ class AugmentRecipe:
         label_smoothing: float = 0.1,
         repeated_aug: int = 1,
         repeated_aug_full_epoch: bool = False,
+        device: bool = False,
     ) -> None:
         if train_crop not in ("rrc", "src", "none"):
             raise ConfigError(f"augment.train_crop={train_crop!r}: use rrc, src or none")
@@ -85,6 +94,23 @@ class AugmentRecipe:
         self.label_smoothing = label_smoothing
         self.repeated_aug = repeated_aug
         self.repeated_aug_full_epoch = repeated_aug_full_epoch
+        self.device = bool(device)
+        if self.device:
+            self._check_device()
+
+    def _check_device(self) -> None:
+        check_device_recipe(self.auto_augment, self.train_crop, interpolation_random=False)
+        if self.auto_augment is None and self.color_jitter:
+            raise ConfigError(f"augment.device=true has no device ColorJitter (augment.color_jitter="
+                              f"{self.color_jitter} without auto_augment): set augment.color_jitter=null or "
+                              "augment.device=false")
+        if self.auto_augment is not None:
+            names = [op.name for op in rand_augment_transform(self.auto_augment, {}).ops]
+            missing = unsupported_ops(names)
+            if missing:
+                raise ConfigError(f"augment.device=true has no device kernel for RandAugment op(s) "
+                                  f"{', '.join(missing)} of auto_augment={self.auto_augment!r}: use "
+                                  "augment.device=false")
 
     def __repr__(self) -> str:
         return f"AugmentRecipe({self.name})"
@@ -99,17 +125,37 @@ class AugmentRecipe:
         """PIL image -> normalised float tensor (3, image_size, image_size)."""
         if not self.augments:
             return eval_transform(image_size, mean, std, crop_pct, interpolation)
+        crop, colour, final = self._stages(image_size, mean, std, interpolation)
+        return transforms.Compose(crop + colour + final)
+
+    def _stages(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                interpolation: str) -> tuple[list, list, list]:
+        """The CPU path's (crop and flip, colour, to-tensor/normalise/erasing) transforms, in order."""
         common = dict(is_training=True, interpolation=interpolation, mean=tuple(mean), std=tuple(std),
                       hflip=self.hflip, color_jitter=self.color_jitter, auto_augment=self.auto_augment,
                       re_prob=self.re_prob, re_mode=self.re_mode, re_count=self.re_count)
-        if self.train_crop == "rrc":
-            return _posterize_safe(create_transform(image_size, scale=self.scale, ratio=self.ratio, **common))
-        # DeiT III's simple random crop replaces timm's primary (crop + flip) stage; colour and erasing stay timm's
-        _, colour, final = create_transform(image_size, separate=True, **common)
-        crop = [transforms.Resize(image_size, interpolation=str_to_interp_mode(interpolation)),
-                transforms.RandomCrop(image_size, padding=4, padding_mode="reflect")]
-        flip = [transforms.RandomHorizontalFlip(self.hflip)] if self.hflip > 0 else []
-        return _posterize_safe(transforms.Compose(crop + flip + list(colour.transforms) + list(final.transforms)))
+        crop, colour, final = create_transform(image_size, scale=self.scale, ratio=self.ratio, separate=True,
+                                               **common)
+        crop = list(crop.transforms)
+        if self.train_crop == "src":  # DeiT III's simple random crop replaces timm's primary (crop + flip) stage
+            crop = [transforms.Resize(image_size, interpolation=str_to_interp_mode(interpolation)),
+                    transforms.RandomCrop(image_size, padding=4, padding_mode="reflect")]
+            crop += [transforms.RandomHorizontalFlip(self.hflip)] if self.hflip > 0 else []
+        return crop, list(_posterize_safe(colour).transforms), list(final.transforms)
+
+    def worker_transform(self, image_size: int, mean: Sequence[float], std: Sequence[float],
+                         interpolation: str = "bicubic") -> WorkerTransform:
+        """The loader-worker side of the uint8 path (:mod:`deit_train.data.device_augment`): the CPU stages, then
+        the uint8 image with the draws of erasing (and, with ``device``, of RandAugment)."""
+        crop, colour, final = self._stages(image_size, mean, std, interpolation)
+        erasing = next((t for t in final if isinstance(t, RandomErasing)), None)
+        draws = ErasingDraws(erasing) if erasing is not None else None
+        if not self.device:
+            return WorkerTransform(transforms.Compose(crop + colour), erasing=draws)
+        check_device_recipe(self.auto_augment, self.train_crop, interpolation_random=interpolation == "random")
+        randaugment = next((t for t in colour if isinstance(t, RandAugment)), None)
+        return WorkerTransform(DraftCropFlip(image_size, self.scale, self.ratio, interpolation, self.hflip),
+                               RecordedRandAugment(randaugment) if randaugment is not None else None, draws)
 
     def mixup(self, num_classes: int) -> Mixup | None:
         """timm Mixup/CutMix producing soft (label-smoothed) targets, or None when both alphas are 0."""
@@ -138,6 +184,7 @@ def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) 
 
 
 def _posterize_safe(transform: transforms.Compose) -> transforms.Compose:
+    """Swaps in :func:`_posterize_keeping_zero_bits` for timm's posterize in ``transform``'s (Rand)AutoAugment."""
     for step in transform.transforms:
         ops = getattr(step, "ops", None) or [op for sub in getattr(step, "policy", []) for op in sub]
         for op in ops:

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 from deit_train.data.augmented import AugmentedDataModule
-from deit_train.data.images import corrupt_image_error, load_rgb
+from deit_train.data.images import EncodedImage, corrupt_image_error, load_rgb
 from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
@@ -77,11 +77,12 @@ class PackedImages(Dataset):
     """
 
     def __init__(self, root: str | Path, split: str, labels: Sequence[int], digest: str,
-                 transform: Callable | None = None) -> None:
+                 transform: Callable | None = None, encoded: bool = False) -> None:
         self.root, self.split = Path(root), split
         self.targets = list(labels)  # read by train_subset (class-balanced train_fraction)
         self.content_digest = digest  # the teacher cache's source identity
         self.transform = transform
+        self.encoded = encoded  # the transform decodes (EncodedImage: the device path's reduced-DCT decode)
         self._reader = None
 
     def __len__(self) -> int:
@@ -104,7 +105,7 @@ class PackedImages(Dataset):
             item = self.read(index)
         except Exception as exc:  # litdata met a damaged chunk: one sample's problem, as a corrupt file would be
             raise corrupt_image_error(where, exc) from exc
-        image = load_rgb(item["image"], name=f"{where} ({item['name']})")
+        image = (EncodedImage if self.encoded else load_rgb)(item["image"], name=f"{where} ({item['name']})")
         return (self.transform(image) if self.transform else image), int(item["label"])
 
 
@@ -119,23 +120,24 @@ class ShardsDataModule(AugmentedDataModule):
         root: str | None = None,
         image_size: int = 224,
         batch_size: int = 128,
-        num_workers: int = 8,
+        num_workers: int | None = None,
         crop_pct: float = 0.875,
         interpolation: str = "bicubic",
         num_classes: int | None = None,
         mean: Sequence[float] = (0.485, 0.456, 0.406),
         std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool = True,
+        pin_memory: bool | None = None,
         recipe: AugmentRecipe | None = None,
         skip_corrupt: bool = False,
         seed: int = 0,
         train_fraction: float = 1.0,
         split_seed: int = 0,
+        uint8_workers: bool = True,
     ) -> None:
         super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
                          crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
                          pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed)
+                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
         if not root:
             raise ConfigError(f"data.root is not set: pass data.root=<pack> (a folder written by {PACK_COMMAND})")
         self.root = Path(root).expanduser()
@@ -155,14 +157,14 @@ class ShardsDataModule(AugmentedDataModule):
         """Digest of every stored image and label, in order (the pack's identity, wherever it lies)."""
         return self.meta["digest"]
 
-    def split(self, name: str, transform: Callable | None) -> PackedImages:
+    def split(self, name: str, transform: Callable | None, encoded: bool = False) -> PackedImages:
         info = self.meta["splits"][name]
-        return PackedImages(self.root, name, info["labels"], self.content_digest, transform)
+        return PackedImages(self.root, name, info["labels"], self.content_digest, transform, encoded)
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        train = self.split("train", self.train_transform())
+        train = self.split("train", self.train_transform(), encoded=self.encoded_train_images)
         self.train_set = self.tolerate_corrupt(self.train_subset(train, lambda: train.targets))
         self.val_set = self.tolerate_corrupt(self.split("val", self.eval_transform()))
         has_test = "test" in self.meta["splits"]

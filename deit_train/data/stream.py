@@ -15,7 +15,6 @@ the uninterrupted run's stream, and a teacher-logit cache can be keyed by (epoch
 from __future__ import annotations
 
 import random
-from itertools import islice
 
 import lightning as L
 import numpy as np
@@ -40,6 +39,55 @@ def sample_seed(seed: int, epoch: int, rank: int, position: int) -> int:
 def index_seed(seed: int, index: int) -> int:
     """Seed of sample ``index`` read without a seeded sampler (the same in every epoch)."""
     return stream_seed(_INDEX, seed, index)
+
+
+# numpy's SeedSequence hash (numpy/random/bit_generator.pyx), on uint32 arrays: one call seeds a whole epoch
+_POOL_SIZE, _XSHIFT = 4, np.uint32(16)
+_INIT_A, _MULT_A, _INIT_B, _MULT_B = 0x43B0D7E5, 0x931E8875, 0x8B51F9DD, 0x58F38DED
+_MIX_MULT_L, _MIX_MULT_R = np.uint32(0xCA01F9DD), np.uint32(0x4973F715)
+
+
+def _uint32_words(key: int) -> list[int]:
+    """A non-negative integer as SeedSequence reads it: little-endian 32-bit words, at least one."""
+    words = [key & 0xFFFFFFFF]
+    while key > 0xFFFFFFFF:
+        key >>= 32
+        words.append(key & 0xFFFFFFFF)
+    return words
+
+
+def sample_seeds(seed: int, epoch: int, rank: int, positions: np.ndarray) -> np.ndarray:
+    """:func:`sample_seed` of every position at once (uint32 array): the sampler computes an epoch's seeds in one
+    vectorised call instead of one ``SeedSequence`` per sample (30-65 us each) in the training process."""
+    positions = np.asarray(positions, dtype=np.int64)
+    if positions.size and (positions.min() < 0 or positions.max() > 0xFFFFFFFF):
+        raise ValueError("sample positions must lie in 0..2**32-1")
+    prefix = [w for key in (_SAMPLE, seed, epoch, rank) for w in _uint32_words(int(key) % 2**64)]
+    columns = [np.full(positions.shape, w, dtype=np.uint32) for w in prefix] + [positions.astype(np.uint32)]
+    columns += [np.zeros(positions.shape, dtype=np.uint32)] * (_POOL_SIZE - len(columns))
+    hash_const = _INIT_A
+
+    def hashmix(value: np.ndarray) -> np.ndarray:
+        nonlocal hash_const
+        value = value ^ np.uint32(hash_const)
+        hash_const = (hash_const * _MULT_A) & 0xFFFFFFFF
+        value = value * np.uint32(hash_const)
+        return value ^ (value >> _XSHIFT)
+
+    def mix(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        result = _MIX_MULT_L * x - _MIX_MULT_R * y
+        return result ^ (result >> _XSHIFT)
+
+    pool = [hashmix(columns[i]) for i in range(_POOL_SIZE)]
+    for src in range(_POOL_SIZE):
+        for dst in range(_POOL_SIZE):
+            if src != dst:
+                pool[dst] = mix(pool[dst], hashmix(pool[src]))
+    for src in range(_POOL_SIZE, len(columns)):
+        for dst in range(_POOL_SIZE):
+            pool[dst] = mix(pool[dst], hashmix(columns[src]))
+    state = (pool[0] ^ np.uint32(_INIT_B)) * np.uint32((_INIT_B * _MULT_B) & 0xFFFFFFFF)  # generate_state(1)
+    return state ^ (state >> _XSHIFT)
 
 
 def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
@@ -87,10 +135,10 @@ class SeededSampler(DistributedSampler):
             self.order.set_epoch(epoch)
 
     def __iter__(self):
-        start, self._resume_at = self.start_position(), None
-        indices = iter(self.order) if self.order is not None else super().__iter__()
-        for position, index in islice(enumerate(indices), start, None):  # a sample keeps its position's seed
-            yield int(index), sample_seed(self.seed, self.epoch, self.rank, position)
+        start, self._resume_at = self.start_position(), None  # a resumed epoch continues at its position
+        indices = list(self.order) if self.order is not None else list(super().__iter__())
+        seeds = sample_seeds(self.seed, self.epoch, self.rank, np.arange(start, len(indices)))  # a sample keeps its position's seed
+        yield from zip(map(int, indices[start:]), seeds.tolist())
 
     def __len__(self) -> int:
         return len(self.order) if self.order is not None else super().__len__()

@@ -47,7 +47,7 @@ def resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
 
 # What a run trains; a resumed run must agree on all of it (trainer length, loggers, paths and workers may change).
 TRAINED_SECTIONS = ("model", "teacher", "distill", "data", "augment", "optim", "module")
-_NOT_TRAINED_KEYS = ("data.num_workers", "data.pin_memory", "teacher.cache_verify_every")
+_NOT_TRAINED_KEYS = ("data.num_workers", "data.pin_memory", "data.uint8_workers", "teacher.cache_verify_every")
 # Model options that do not change the weights' shapes: a checkpoint of another value still fits.
 _SHAPE_FREE_MODEL_KEYS = ("init_from", "pretrained", "drop_path_rate")
 

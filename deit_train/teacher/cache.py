@@ -36,6 +36,7 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from deit_train.data.device_augment import device_identity
 from deit_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 # options of the teacher group that configure this cache, not the teacher model
 CACHE_OPTIONS = ("cache_dir", "cache_topk", "cache_dtype", "cache_verify_every")
 # data options that change how fast images load, not which images a step sees
-_LOADER_OPTIONS = ("num_workers", "pin_memory", "recipe", "skip_corrupt", "cache_dir")
+# (uint8_workers: the uint8 path is bit-identical to the CPU path)
+_LOADER_OPTIONS = ("num_workers", "pin_memory", "recipe", "skip_corrupt", "cache_dir", "uint8_workers")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # gap below the k-th logit for the classes outside the top-k (finite, and exp(-gap) == 0 in fp32)
 _FILL_GAP = 1e4
@@ -108,6 +110,14 @@ def source_identity(datamodule) -> str:
     return digest.hexdigest()
 
 
+def _run_device(datamodule, teacher: nn.Module) -> torch.device:
+    """Where the batches are finished: the trainer's device, or (teacher-only pass) the teacher's."""
+    strategy = getattr(getattr(datamodule, "trainer", None), "strategy", None)
+    if strategy is not None:
+        return strategy.root_device
+    return next(teacher.parameters()).device
+
+
 def run_fingerprint(cfg: DictConfig, datamodule, teacher: nn.Module, world_size: int, topk: int,
                     dtype: str) -> dict:
     """Everything that decides the teacher's output at (epoch, rank, batch) -- and nothing about the student."""
@@ -115,7 +125,10 @@ def run_fingerprint(cfg: DictConfig, datamodule, teacher: nn.Module, world_size:
     if getattr(datamodule, "content_digest", None):  # the digest says what the images are; a moved pack is the same
         data.pop("root", None)
     augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") is not None else None
+    device_augment = bool(augment.pop("device", False)) if augment is not None else False
+    extra = {"device_augment": device_identity(_run_device(datamodule, teacher))} if device_augment else {}
     return {
+        **extra,
         "format": FORMAT_VERSION,
         "data": data,
         "source": source_identity(datamodule),

@@ -1,0 +1,334 @@
+"""uint8 crops from the loader workers, the float work on the device: what timm's prefetch loader does, on the
+deterministic stream.
+
+Today's CPU path runs the whole recipe per sample in a worker and ships a normalised float image. Here a worker
+ships the uint8 crop (a quarter of the bytes pinned and copied) with the sample's recorded random draws
+(:class:`DeviceImages`); after the transfer, :class:`DeviceFinish` applies the rest to the batch on the device.
+
+- **uint8 workers** (``data.uint8_workers``, on by default): the worker runs the recipe's crop, flip and colour
+  stages exactly as today, then draws random erasing's boxes with timm's own ``RandomErasing`` (on a probe that
+  records instead of writing) and keeps torch's generator state from before the erasing noise. On the device:
+  ``/255`` and normalisation in float32 (IEEE-exact on every device), then the erasing noise regenerated on the
+  CPU from that state by timm's ``_get_pixels``. The batches are **bit-identical** to the CPU path.
+- **RandAugment on the device** (``augment.device=true``): the worker decodes (JPEG at a reduced DCT scale where
+  the sampled crop is at least twice the output: the box is drawn from the header's size first), crops and
+  flips, and runs timm's ``RandAugment`` with recording ops: every draw is timm's own, so crops, flips, ops and
+  magnitudes equal the CPU path's for the same seed. The device applies the recorded ops with
+  ``torchvision.transforms.v2.functional`` kernels, grouped by op. Pixels differ from the CPU path by resampling
+  arithmetic (tensor kernels resample bilinearly where timm's PIL ops are bicubic; the reduced-DCT decode): a
+  different stream, which the teacher cache keys separately (:func:`device_identity`).
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torchvision
+from PIL import Image
+from timm.data.auto_augment import RandAugment
+from timm.data.random_erasing import RandomErasing, _get_pixels
+from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode
+from torch import Tensor
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F1
+from torchvision.transforms.v2 import functional as F
+
+from deit_train.data.images import EncodedImage
+from deit_train.errors import ConfigError
+
+
+class DeviceImages(NamedTuple):
+    """A worker's uint8 image (3, H, W) and its recorded draws; collated field by field into a batch."""
+
+    image: Tensor
+    params: dict
+
+
+# ---- the worker side -----------------------------------------------------------------------------------------
+
+class _BoxProbe:
+    """Stands in for the image in timm's ``RandomErasing._erase``: records the boxes it would write."""
+
+    def __init__(self) -> None:
+        self.boxes: list[tuple[int, int, int, int]] = []
+
+    def __setitem__(self, key, value) -> None:
+        _, rows, cols = key
+        self.boxes.append((rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start))
+
+
+class ErasingDraws:
+    """timm's ``RandomErasing`` draws of one sample, made in the worker at the point the CPU path makes them."""
+
+    def __init__(self, eraser: RandomErasing) -> None:
+        self.per_pixel, self.rand_color = eraser.per_pixel, eraser.rand_color  # the device's fill
+        self.eraser = copy.copy(eraser)
+        # the probe's fill is a constant: the noise is not drawn here, so torch's generator stays where the CPU
+        # path has it when it draws the noise (the box draws are python's ``random``, whatever the fill)
+        self.eraser.per_pixel = self.eraser.rand_color = False
+        self.eraser.device = "cpu"
+
+    def __call__(self, image: Tensor) -> dict:
+        state = torch.random.get_rng_state()
+        probe = _BoxProbe()
+        self.eraser._erase(probe, *image.shape[-3:], torch.float32)
+        boxes = np.zeros((self.eraser.max_count, 4), dtype=np.int32)
+        for row, box in enumerate(probe.boxes):
+            boxes[row] = box
+        return {"erase_boxes": torch.from_numpy(boxes), "erase_rng": state}
+
+
+class _RecordingOp:
+    """Replaces a RandAugment op's image function: records (op, level argument) and leaves the image alone."""
+
+    def __init__(self, index: int, log: list) -> None:
+        self.index, self.log = index, log
+
+    def __call__(self, img, *level_args, **kwargs):
+        self.log.append((self.index, float(level_args[0]) if level_args else 0.0))
+        return img
+
+
+class RecordedRandAugment:
+    """timm's ``RandAugment`` itself (its ``np.random.choice`` of ops, its prob/magnitude/sign draws), with ops
+    that record instead of transforming the image."""
+
+    def __init__(self, randaugment: RandAugment) -> None:
+        self.randaugment = copy.deepcopy(randaugment)
+        self.names = [op.name for op in self.randaugment.ops]
+        self.fill = tuple(self.randaugment.ops[0].kwargs["fillcolor"]) if self.randaugment.ops else (128,) * 3
+        self.num_layers = randaugment.num_layers
+        self._log: list = []
+        for index, op in enumerate(self.randaugment.ops):
+            op.aug_fn = _RecordingOp(index, self._log)
+
+    def __call__(self, img) -> dict:
+        self._log.clear()
+        self.randaugment(img)
+        ops = np.full(self.num_layers, -1, dtype=np.int16)
+        args = np.zeros(self.num_layers, dtype=np.float64)
+        for layer, (index, arg) in enumerate(self._log):
+            ops[layer], args[layer] = index, arg
+        return {"ra_ops": torch.from_numpy(ops), "ra_args": torch.from_numpy(args)}
+
+
+class DraftCropFlip:
+    """timm's RandomResizedCrop (its ``get_params`` draws on the header's size) and torchvision's flip draw; a
+    JPEG (:class:`EncodedImage`) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the crop at least
+    the output size, so a crop at least twice the output decodes a quarter of the pixels or fewer."""
+
+    def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], interpolation: str,
+                 hflip: float) -> None:
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
+        self.interpolation = str_to_interp_mode(interpolation)
+
+    def __call__(self, image) -> tuple[Image.Image, dict]:
+        header = image.header if isinstance(image, EncodedImage) else image
+        top, left, height, width = RandomResizedCropAndInterpolation.get_params(header, self.scale, self.ratio)
+        if isinstance(image, EncodedImage):
+            full_w, full_h = header.size
+            image, reduction = image.decode(at_least=(math.ceil(full_w * self.size / width),
+                                                      math.ceil(full_h * self.size / height)))
+        else:
+            reduction = 1
+        if reduction == 1:  # exactly the CPU path's crop
+            crop = F1.resized_crop(image, top, left, height, width, [self.size, self.size], self.interpolation)
+        else:
+            box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
+            crop = image.resize((self.size, self.size), F1.pil_modes_mapping[self.interpolation], box=box)
+        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision RandomHorizontalFlip's draw
+        if flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        record = {"crop": torch.tensor([top, left, height, width], dtype=torch.int32), "flip": torch.tensor(flip),
+                  "reduction": torch.tensor(reduction, dtype=torch.int8)}
+        return crop, record
+
+
+class WorkerTransform:
+    """PIL image (or :class:`EncodedImage`) -> :class:`DeviceImages`: the CPU stages of a recipe, then the uint8
+    image with the draws of the device stages.
+
+    Args:
+        crop: PIL -> PIL (the recipe's crop, flip and colour stages: the uint8 path), or a :class:`DraftCropFlip`
+            (the device path) returning (PIL, record).
+        randaugment: :class:`RecordedRandAugment` (device path) or None.
+        erasing: :class:`ErasingDraws` or None.
+    """
+
+    def __init__(self, crop, randaugment: RecordedRandAugment | None = None,
+                 erasing: ErasingDraws | None = None) -> None:
+        self.crop, self.randaugment, self.erasing = crop, randaugment, erasing
+
+    def __call__(self, image) -> DeviceImages:
+        params: dict = {}
+        image = self.crop(image)
+        if isinstance(image, tuple):
+            image, params = image
+        if self.randaugment is not None:
+            params.update(self.randaugment(image))
+        pixels = F1.pil_to_tensor(image)
+        if self.erasing is not None:
+            params.update(self.erasing(pixels))
+        return DeviceImages(pixels, params)
+
+    def finish(self, mean: Sequence[float], std: Sequence[float]) -> "DeviceFinish":
+        """The device side matching this worker side."""
+        erasing = self.erasing
+        return DeviceFinish(mean, std, self.randaugment.names if self.randaugment is not None else None,
+                            self.randaugment.fill if self.randaugment is not None else (128, 128, 128),
+                            per_pixel=bool(erasing and erasing.per_pixel), rand_color=bool(erasing and erasing.rand_color))
+
+
+# ---- the device side -----------------------------------------------------------------------------------------
+
+def _solarize_add(images: Tensor, add: float, thresh: int = 128) -> Tensor:
+    """timm's ``solarize_add`` LUT (torchvision has no kernel for it): exact integer arithmetic."""
+    added = (images.to(torch.int16) + int(add)).clamp_(max=255).to(torch.uint8)
+    return torch.where(images < thresh, added, images)
+
+
+def _solarize(images: Tensor, thresh: float) -> Tensor:
+    return images if thresh > 255 else F.solarize(images, thresh)  # PIL inverts nothing at 256; v2 refuses it
+
+
+def _affine(images: Tensor, fill, shear=(0.0, 0.0), translate=(0.0, 0.0)) -> Tensor:
+    """timm's PIL ``AFFINE`` shear/translate about the top-left corner (``center=[0, 0]``, as torchvision's own
+    RandAugment maps them)."""
+    return F.affine(images, angle=0.0, translate=list(translate), scale=1.0, shear=list(shear),
+                    interpolation=InterpolationMode.BILINEAR, fill=fill, center=[0, 0])
+
+
+# timm op name -> (kernel(images, level argument, fill), grouping): "batch" = one call for every image with the op,
+# "by_value" = one call per distinct (integer) argument, "each" = one call per image (a continuous magnitude)
+_KERNELS = {
+    "AutoContrast": (lambda x, a, fill: F.autocontrast(x), "batch"),
+    "Equalize": (lambda x, a, fill: F.equalize(x), "batch"),
+    "Invert": (lambda x, a, fill: F.invert(x), "batch"),
+    "Posterize": (lambda x, a, fill: F.posterize(x, int(a)), "by_value"),
+    "PosterizeIncreasing": (lambda x, a, fill: F.posterize(x, int(a)), "by_value"),
+    "PosterizeOriginal": (lambda x, a, fill: F.posterize(x, int(a)), "by_value"),
+    "Solarize": (lambda x, a, fill: _solarize(x, a), "by_value"),
+    "SolarizeIncreasing": (lambda x, a, fill: _solarize(x, a), "by_value"),
+    "SolarizeAdd": (lambda x, a, fill: _solarize_add(x, a), "by_value"),
+    "Rotate": (lambda x, a, fill: F.rotate(x, a, interpolation=InterpolationMode.BILINEAR, fill=fill), "each"),
+    "Color": (lambda x, a, fill: F.adjust_saturation(x, a), "each"),
+    "ColorIncreasing": (lambda x, a, fill: F.adjust_saturation(x, a), "each"),
+    "Contrast": (lambda x, a, fill: F.adjust_contrast(x, a), "each"),
+    "ContrastIncreasing": (lambda x, a, fill: F.adjust_contrast(x, a), "each"),
+    "Brightness": (lambda x, a, fill: F.adjust_brightness(x, a), "each"),
+    "BrightnessIncreasing": (lambda x, a, fill: F.adjust_brightness(x, a), "each"),
+    "Sharpness": (lambda x, a, fill: F.adjust_sharpness(x, a), "each"),
+    "SharpnessIncreasing": (lambda x, a, fill: F.adjust_sharpness(x, a), "each"),
+    "ShearX": (lambda x, a, fill: _affine(x, fill, shear=(math.degrees(math.atan(a)), 0.0)), "each"),
+    "ShearY": (lambda x, a, fill: _affine(x, fill, shear=(0.0, math.degrees(math.atan(a)))), "each"),
+    "TranslateX": (lambda x, a, fill: _affine(x, fill, translate=(-a, 0.0)), "each"),
+    "TranslateY": (lambda x, a, fill: _affine(x, fill, translate=(0.0, -a)), "each"),
+    "TranslateXRel": (lambda x, a, fill: _affine(x, fill, translate=(-a * x.shape[-1], 0.0)), "each"),
+    "TranslateYRel": (lambda x, a, fill: _affine(x, fill, translate=(0.0, -a * x.shape[-2])), "each"),
+}
+
+
+def unsupported_ops(names: Sequence[str]) -> list[str]:
+    """RandAugment ops the device path has no kernel for."""
+    return [name for name in names if name not in _KERNELS]
+
+
+def apply_op(name: str, images: Tensor, arg: float, fill: Sequence[float]) -> Tensor:
+    """One recorded op on uint8 images (..., 3, H, W) with its level argument."""
+    return _KERNELS[name][0](images, arg, list(fill))
+
+
+class DeviceFinish:
+    """The batch after transfer: recorded RandAugment ops (grouped by op), ``/255``, normalisation, erasing.
+
+    Args:
+        mean, std: the normalisation.
+        op_names: the recipe's RandAugment op list (indices of ``ra_ops``), or None without device RandAugment.
+        fill: RandAugment's fill colour (timm: the mean in 0-255).
+        per_pixel, rand_color: timm RandomErasing's fill (``pixel`` mode, ``rand`` mode; neither: zeros).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], op_names: Sequence[str] | None = None,
+                 fill: Sequence[float] = (128, 128, 128), per_pixel: bool = True, rand_color: bool = False) -> None:
+        self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
+        self.op_names = list(op_names) if op_names is not None else None
+        self.fill = [float(f) for f in fill]
+        self.per_pixel, self.rand_color = per_pixel, rand_color
+
+    @staticmethod
+    def params_to_host(batch: DeviceImages) -> DeviceImages:
+        """Before the transfer: the draws become numpy arrays, which stay on the host (no device sync to read them)."""
+        return DeviceImages(batch.image, {k: v.numpy() if isinstance(v, Tensor) else v
+                                          for k, v in batch.params.items()})
+
+    def __call__(self, batch: DeviceImages) -> Tensor:
+        params = {k: v.cpu().numpy() if isinstance(v, Tensor) else np.asarray(v) for k, v in batch.params.items()}
+        images = batch.image
+        if self.op_names is not None and "ra_ops" in params:
+            images = self.rand_augment(images, params["ra_ops"], params["ra_args"])
+        # torchvision v1 ToTensor's arithmetic (divide by 255; v2's ToDtype multiplies by 1/255: not the same bits)
+        images = F.normalize(images.float().div_(255), self.mean, self.std, inplace=True)
+        if "erase_boxes" in params:
+            self.erase(images, params["erase_boxes"], params["erase_rng"])
+        return images
+
+    def rand_augment(self, images: Tensor, ops: np.ndarray, args: np.ndarray) -> Tensor:
+        images = images.clone()
+        for layer in range(ops.shape[1]):
+            for index in np.unique(ops[:, layer]):
+                if index < 0:
+                    continue
+                name = self.op_names[index]
+                rows = np.flatnonzero(ops[:, layer] == index)
+                kind = _KERNELS[name][1]
+                if kind == "batch":
+                    groups = [(rows, 0.0)]
+                elif kind == "by_value":
+                    groups = [(rows[args[rows, layer] == value], value) for value in np.unique(args[rows, layer])]
+                else:
+                    groups = [(rows[i:i + 1], args[rows[i], layer]) for i in range(len(rows))]
+                for members, arg in groups:
+                    select = torch.as_tensor(members, device=images.device)
+                    images[select] = apply_op(name, images[select], float(arg), self.fill)
+        return images
+
+    def erase(self, images: Tensor, boxes: np.ndarray, states: np.ndarray) -> None:
+        """timm's erasing noise, drawn on the CPU from each sample's generator state (what the worker's
+        ``RandomErasing`` would have drawn next), written into the boxes."""
+        channels = images.shape[1]
+        for sample in np.flatnonzero(boxes[:, :, 2].any(axis=1)):
+            with torch.random.fork_rng(devices=[]):
+                torch.random.set_rng_state(torch.from_numpy(np.ascontiguousarray(states[sample])))
+                for top, left, height, width in boxes[sample]:
+                    if height == 0:
+                        break
+                    pixels = _get_pixels(self.per_pixel, self.rand_color, (channels, int(height), int(width)),
+                                         dtype=torch.float32, device="cpu")
+                    images[sample, :, top:top + height, left:left + width] = pixels.to(images.device)
+
+
+def device_identity(device: torch.device | str) -> dict:
+    """What the device path's pixels depend on beyond the recipe: the kernels' library versions and the device."""
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"backend": "torchvision.transforms.v2.functional", "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "device": name}
+
+
+def check_device_recipe(auto_augment: str | None, train_crop: str, interpolation_random: bool) -> None:
+    """One line when ``augment.device=true`` meets a recipe it cannot run."""
+    if train_crop != "rrc":
+        raise ConfigError(f"augment.device=true supports augment.train_crop=rrc, not {train_crop}: use "
+                          "augment.device=false")
+    if auto_augment is None:
+        return
+    if not auto_augment.startswith("rand"):
+        raise ConfigError(f"augment.device=true runs RandAugment policies (rand-...), not auto_augment="
+                          f"{auto_augment!r}: use augment.device=false")
+    if interpolation_random:
+        raise ConfigError("augment.device=true needs a fixed interpolation (data.interpolation=random draws one "
+                          "per op on the CPU): set data.interpolation=bicubic")
