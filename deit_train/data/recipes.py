@@ -119,14 +119,15 @@ class AugmentRecipe:
                      switch_prob=self.mixup_switch_prob, mode=self.mixup_mode,
                      label_smoothing=self.label_smoothing, num_classes=num_classes)
 
-    def sampler(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True) -> Sampler | None:
+    def sampler(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True,
+                seed: int = 0) -> Sampler | None:
         """The repeated-augmentation sampler for this rank, or None (plain shuffling) when off."""
         if self.repeated_aug <= 1 or num_replicas <= 1:
             if self.repeated_aug > 1:
                 log.info("repeated augmentation needs several processes (official DeiT behaviour): off on 1")
             return None
         return RepeatedAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=self.repeated_aug,
-                                  shuffle=shuffle, full_epoch=self.repeated_aug_full_epoch)
+                                  shuffle=shuffle, full_epoch=self.repeated_aug_full_epoch, seed=seed)
 
 
 def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
