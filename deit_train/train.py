@@ -33,7 +33,8 @@ from deit_train.run.plots import plot_loss_curve
 from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import check_options, check_paths
-from deit_train.run.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
+from deit_train.run.resume import (check_checkpoint_fits, check_same_experiment, record_trained_config,
+                                   resume_checkpoint)
 from deit_train.run.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -52,6 +53,8 @@ def train(cfg: DictConfig) -> dict:
     """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
     check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
     check_options(cfg)
+    if rank_zero_only.rank == 0:
+        record_trained_config(cfg, cfg.paths.output_dir)  # what the guard compares a later start with
     if cfg.get("stages"):
         return run_stages(cfg)
     started = time.perf_counter()
