@@ -35,6 +35,7 @@ from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import check_options, check_paths
 from deit_train.run.resume import (check_checkpoint_fits, check_same_experiment, record_trained_config,
                                    resume_checkpoint)
+from deit_train.run.throughput import WallClockThroughput
 from deit_train.run.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -76,6 +77,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
+    callbacks.append(WallClockThroughput())  # train/throughput: images per wall-clock second, loading included
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
         callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]

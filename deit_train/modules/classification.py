@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
@@ -92,9 +91,6 @@ class ClassificationModule(RecipeTrainedModule):
         return average_heads(*self.forward_heads(self.student, images))
 
     # ---- training -------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
         if self.mixup is not None:
@@ -112,10 +108,6 @@ class ClassificationModule(RecipeTrainedModule):
         if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step (accumulation)
             self._ema_step = self.global_step
             self.ema.update(self.student, step=self.global_step)
-        seconds = time.perf_counter() - self._batch_started
-        images = len(batch[0]) * self.trainer.world_size
-        self.log("train/throughput", images / max(seconds, 1e-9), on_step=False, on_epoch=True, batch_size=1,
-                 rank_zero_only=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  rank_zero_only=True)
 
