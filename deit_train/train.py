@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from deit_train.run.cadence import ValidateFinalEpoch
 from deit_train.run.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
 from deit_train.run.config import CONFIG_DIR, require_experiment
@@ -78,6 +79,7 @@ def train(cfg: DictConfig) -> dict:
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
     callbacks.append(WallClockThroughput())  # train/throughput: images per wall-clock second, loading included
+    callbacks.append(ValidateFinalEpoch())  # last_epoch/val/* is the final epoch's under check_val_every_n_epoch
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
         callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
