@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deit_train.errors import ConfigError
-from deit_train.run.preflight import load_checkpoint_file
+from deit_train.run.checkpoints import load_checkpoint_file
 from deit_train.run.trained_model import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,12 @@ def trained_record_path(run_dir: str | Path) -> Path:
     return Path(run_dir) / ".hydra" / "trained.yaml"
 
 
-def record_trained_config(cfg: DictConfig, run_dir: str | Path) -> None:
+def trained_values(cfg: DictConfig) -> dict[str, object]:
+    """What the run trains, resolved: the values :func:`check_same_experiment` compares."""
+    return _trained(cfg)
+
+
+def record_trained_config(trained: dict[str, object], run_dir: str | Path) -> None:
     """Write the resolved trained values into ``<run>/.hydra/trained.yaml`` once, at the run's first start: the
     stored config keeps ``${oc.env:DEIT_TRAIN_CACHE}``-style text, which a later start would resolve with its own
     environment (a moved cache directory would look unchanged)."""
@@ -100,7 +105,7 @@ def record_trained_config(cfg: DictConfig, run_dir: str | Path) -> None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(_trained(cfg), sort_keys=True))
+    tmp.write_text(yaml.safe_dump(trained, sort_keys=True))
     tmp.replace(path)
 
 
