@@ -29,9 +29,9 @@ def test_bad_student_option_stops_before_the_teacher_is_bootstrapped(tmp_path):
 @pytest.mark.parametrize("override, line", [
     ("augment.re_prob=1.5", "augment.re_prob=1.5 is outside [0, 1]: pass a probability in [0, 1]"),
     ("distill.alpha=-0.1", "distill.alpha=-0.1 is outside [0, 1]: pass a probability in [0, 1]"),
-    ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0 is outside [0, 1): pass a rate below 1 in [0, 1)"),
+    ("model.drop_path_rate=1.0", "model.drop_path_rate=1.0 is outside [0, 1): pass a rate in [0, 1)"),
     ("optim.layer_decay=0", "optim.layer_decay=0 is outside (0, 1]: pass a fraction in (0, 1]"),
-    ("optim.base_lr=0", "optim.base_lr=0 is outside (0, inf]: pass positive in (0, inf]"),
+    ("optim.base_lr=0", "optim.base_lr=0 is outside (0, inf): pass a number > 0"),
     ("augment.repeated_aug=0", "augment.repeated_aug=0 must be at least 1: pass an integer >= 1"),
     ("trainer.check_val_every_n_epoch=0", "trainer.check_val_every_n_epoch=0 must be at least 1: pass an integer >= 1"),
     ("model.hidden_size=50", "model.hidden_size=50 is not divisible by model.num_attention_heads=3"),

@@ -29,16 +29,16 @@ COUNTS = {"data.batch_size": 1, "trainer.max_epochs": 1, "data.num_workers": 0, 
           "model.num_hidden_layers": 1, "model.num_attention_heads": 1}
 # Numbers and their range: (low, high, low included, high included, what the number is).
 RANGES = {
-    **{option: (0.0, 1.0, True, True, "a probability") for option in (
+    **{option: (0.0, 1.0, True, True, "a probability in [0, 1]") for option in (
         "augment.hflip", "augment.re_prob", "augment.mixup_prob", "augment.mixup_switch_prob", "distill.alpha",
         "teacher.min_val_top1", "module.mask_ratio")},
-    **{option: (0.0, 1.0, False, True, "a fraction") for option in ("data.train_fraction", "optim.layer_decay")},
-    **{option: (0.0, 1.0, True, False, "a rate below 1") for option in (
+    **{option: (0.0, 1.0, False, True, "a fraction in (0, 1]") for option in ("data.train_fraction", "optim.layer_decay")},
+    **{option: (0.0, 1.0, True, False, "a rate in [0, 1)") for option in (
         "augment.label_smoothing", "distill.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
-    **{option: (0.0, float("inf"), True, True, "non-negative") for option in (
+    **{option: (0.0, float("inf"), True, False, "a number >= 0") for option in (
         "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "augment.mixup_alpha",
         "augment.cutmix_alpha")},
-    **{option: (0.0, float("inf"), False, True, "positive") for option in ("optim.base_lr", "distill.tau")},
+    **{option: (0.0, float("inf"), False, False, "a number > 0") for option in ("optim.base_lr", "distill.tau")},
 }
 # Numbers in some configs that also take text: `trainer.devices=auto|0,1`, `trainer.precision=bf16-mixed`.
 NUMBER_OR_TEXT = ("trainer.devices", "trainer.precision")
@@ -101,7 +101,7 @@ def check_ranges(cfg: DictConfig) -> None:
         inside = (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
         if not inside:
             bounds = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
-            raise ConfigError(f"{option}={value} is outside {bounds}: pass {kind} in {bounds}")
+            raise ConfigError(f"{option}={value} is outside {bounds}: pass {kind}")
 
 
 def count_classes(cfg: DictConfig) -> None:
