@@ -61,11 +61,11 @@ def preflight(cfg: DictConfig) -> None:
     check_options(cfg)
     if not cfg.get("stages"):
         check_paths(cfg, skip=("teacher.checkpoint",) if teacher_to_bootstrap(cfg) else ())
-        check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
         count_classes(cfg)  # the data source's own checks (root, class count)
         check_student(cfg)
         if cfg.get("ckpt_path"):
             check_checkpoint_fits(cfg.ckpt_path, cfg)
+        check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
     if rank_zero_only.rank == 0:  # all checks passed: what the guard compares a later start with
         record_trained_config(trained, cfg.paths.output_dir)
 
