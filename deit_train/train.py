@@ -34,6 +34,7 @@ from deit_train.run.plots import plot_loss_curve
 from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import preflight
+from deit_train.run.requeue import Requeued, SlurmRequeue
 from deit_train.run.resume import resume_checkpoint
 from deit_train.run.throughput import WallClockThroughput
 from deit_train.run.trained_model import StoreRunConfig
@@ -61,7 +62,7 @@ def train(cfg: DictConfig) -> dict:
     started = time.perf_counter()
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
     datamodule, module, trainer = build(cfg)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
+    fit(cfg, trainer, module, datamodule)
     results = {"run_dir": str(Path(cfg.paths.output_dir)), **fit_results(trainer)}
     if cfg.get("test", True):
         results.update(test_best(trainer, module, datamodule))
@@ -85,6 +86,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
+    callbacks.append(SlurmRequeue())  # Slurm's warning signal: one checkpoint where all ranks agree, requeue, stop
     callbacks.append(WallClockThroughput())  # train/throughput: images per wall-clock second, loading included
     callbacks.append(ValidateFinalEpoch())  # last_epoch/val/* is the final epoch's under check_val_every_n_epoch
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
@@ -94,6 +96,15 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
     return datamodule, module, trainer
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule) -> None:
+    """Train, continuing from the newest checkpoint of the run directory (or ``ckpt_path``)."""
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
+    except Requeued as requeued:  # Slurm's warning signal: saved; requeue now that the trainer has torn down
+        requeued.requeue(Path(cfg.paths.output_dir))
+        raise
 
 
 def fit_results(trainer: L.Trainer) -> dict:

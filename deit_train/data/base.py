@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from deit_train.data.stream import SeededDataset, SeededSampler
+from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.errors import ConfigError
 
@@ -56,7 +56,8 @@ class ImageDataModule(L.LightningDataModule):
         return Subset(dataset, balanced_subset(labels(), self.train_fraction, self.split_seed).tolist())
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
+        loader = StreamLoader if isinstance(sampler, SeededSampler) else DataLoader  # the stream resumes mid-epoch
+        return loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train and sampler is None,
@@ -89,7 +90,7 @@ class ImageDataModule(L.LightningDataModule):
                 f"{num_replicas} process(es) gets per epoch ({len(self.train_set)} images{subset}{kept}), so an "
                 "epoch would train nothing: lower data.batch_size, train on fewer processes (trainer.devices) or "
                 "on more data (data.train_fraction)")
-        return self._loader(SeededDataset(self.train_set), train=True, sampler=sampler)
+        return self._loader(SeededDataset(self.train_set, self.seed), train=True, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())
