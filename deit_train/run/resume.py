@@ -77,9 +77,9 @@ def _resolved(cfg: DictConfig, key: str, unresolved: object) -> object:
     where it cannot be resolved here (e.g. ``${hydra:...}`` outside a Hydra run)."""
     try:
         value = OmegaConf.select(cfg, key)
-    except Exception:  # noqa: BLE001 -- any resolver's failure: compare the text instead
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception:  # noqa: BLE001 -- any resolver's failure (a key missing here): compare the text instead
         return unresolved
-    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
 
 
 def _trained(cfg: DictConfig) -> dict[str, object]:
