@@ -16,11 +16,17 @@ class WallClockThroughput(Callback):
     synchronisation is needed: over many steps the batch starts are paced by the slowest of loader and device.
     """
 
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def __init__(self) -> None:
+        self._reset()  # also the state of an epoch resumed mid-way (no on_train_epoch_start then)
+
+    def _reset(self) -> None:
         self._first_start: float | None = None
         self._last_start: float | None = None
         self._images = 0  # of the batches before the last start
         self._pending = 0  # of the batch that started last
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._reset()
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
         now = time.perf_counter()
