@@ -69,8 +69,11 @@ def fill_cache(cfg: DictConfig, progress: bool = True) -> dict:
     datamodule.setup("fit")
     on_gpu = cfg.trainer.get("accelerator", "auto") != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
-    teacher = build_teacher(cfg.teacher).to(device)
-    teacher.match_classes(getattr(datamodule, "classes", None))  # as training does: other classes stop here
+    teacher = build_teacher(cfg.teacher)
+    # as ClassificationModule.setup does before training fingerprints the teacher: its precision resolved on the
+    # device it runs on (teacher.precision=auto), its outputs in the data's class order (teacher.class_order=match)
+    teacher.prepare(device)
+    teacher.match_classes(getattr(datamodule, "classes", None))
     mixup = instantiate(cfg.module.mixup) if cfg.module.get("mixup") is not None else None
     world = _world_size(cfg.trainer, device)
     cache.attach(teacher, datamodule, world)

@@ -18,23 +18,25 @@ from hydra.errors import ConfigCompositionException, OverrideParseException
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ProgressBar
 from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
+from deit_train.run.cadence import ValidateFinalEpoch
 from deit_train.run.checkpoints import AtomicCheckpointIO, atomic_torch_save
 from deit_train.compare import load_local_run, plot_curves
 from deit_train.run.config import CONFIG_DIR, require_experiment
 from deit_train.run.console import quiet_console
 from deit_train.data.stream import StepSeeding
-from deit_train.run.environment import check_accelerator, threads_from_slurm
+from deit_train.run.environment import threads_from_slurm
 from deit_train.errors import ConfigError, one_line_errors
 from deit_train.run.loggers import log_run_config
 from deit_train.teacher.cache import TeacherLogitCache
 from deit_train.run.plots import plot_loss_curve
 from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
-from deit_train.run.preflight import check_options, check_paths
+from deit_train.run.preflight import preflight
 from deit_train.run.requeue import Requeued, SlurmRequeue
-from deit_train.run.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
+from deit_train.run.resume import resume_checkpoint
+from deit_train.run.throughput import WallClockThroughput
 from deit_train.run.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -50,24 +52,34 @@ _SCHEDULE_OVERRIDE_PREFIXES = ("trainer.max_epochs", "trainer.min_epochs", "trai
 
 
 def train(cfg: DictConfig) -> dict:
-    """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``."""
-    check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
-    check_options(cfg)
+    """Run one experiment (or its ``stages``); returns the metrics written to ``results.json``.
+
+    Phases: preflight (every check that can fail without training), teacher (bootstrapped on first use), build,
+    fit, test, record."""
+    preflight(cfg)
     if cfg.get("stages"):
         return run_stages(cfg)
     started = time.perf_counter()
-    output_dir = Path(cfg.paths.output_dir)
     bootstrap_teacher(cfg)  # before seeding: a run gives the same result whether the teacher was cached or not
-    check_paths(cfg)
+    datamodule, module, trainer = build(cfg)
+    fit(cfg, trainer, module, datamodule)
+    results = {"run_dir": str(Path(cfg.paths.output_dir)), **fit_results(trainer)}
+    if cfg.get("test", True):
+        results.update(test_best(trainer, module, datamodule))
+    results.update(getattr(module, "param_counts", {}))
+    results["epochs"] = trainer.current_epoch
+    results["wall_time_s"] = round(time.perf_counter() - started, 2)
+    if trainer.is_global_zero:
+        record(results, Path(cfg.paths.output_dir), cfg.task_name)
+    return results
+
+
+def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.Trainer]:
+    """Data, module (student, teacher, loss), callbacks, loggers and trainer from the config."""
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():  # TF32 matmuls on Ampere+ (CPU matmuls are left exact)
         torch.set_float32_matmul_precision(cfg.get("float32_matmul_precision") or "highest")
-    datamodule = instantiate(cfg.data)
-    if "num_classes" in cfg.data:  # a source may count its classes (e.g. folders); models read ${data.num_classes}
-        with open_dict(cfg):
-            cfg.data.num_classes = datamodule.num_classes
-    if cfg.get("ckpt_path"):
-        check_checkpoint_fits(cfg.ckpt_path, cfg)
+    datamodule = instantiate(cfg.data)  # data.num_classes: counted by the preflight where the source counts them
     module = instantiate(cfg.module)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
@@ -75,44 +87,58 @@ def train(cfg: DictConfig) -> dict:
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
     callbacks.append(SlurmRequeue())  # Slurm's warning signal: one checkpoint where all ranks agree, requeue, stop
+    callbacks.append(WallClockThroughput())  # train/throughput: images per wall-clock second, loading included
+    callbacks.append(ValidateFinalEpoch())  # last_epoch/val/* is the final epoch's under check_val_every_n_epoch
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
         callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
-    check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
+    return datamodule, module, trainer
+
+
+def fit(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule) -> None:
+    """Train, continuing from the newest checkpoint of the run directory (or ``ckpt_path``)."""
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
     except Requeued as requeued:  # Slurm's warning signal: saved; requeue now that the trainer has torn down
-        requeued.requeue(output_dir)
+        requeued.requeue(Path(cfg.paths.output_dir))
         raise
 
-    results: dict = {"run_dir": str(output_dir)}
-    results.update(last_epoch_metrics(trainer.callback_metrics))  # incl. the val disagreement table (Tab. 4)
-    for callback in callbacks:  # the token diagnostics
+
+def fit_results(trainer: L.Trainer) -> dict:
+    """The final epoch's validation metrics (incl. the val disagreement table, Tab. 4) and the callbacks' own
+    results (the token diagnostics)."""
+    results = last_epoch_metrics(trainer.callback_metrics)
+    for callback in trainer.callbacks:
         results.update(getattr(callback, "run_results", dict)())
-    if cfg.get("test", True):
-        best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-        trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
-        results["best_checkpoint"] = best
-        if best and trainer.checkpoint_callback.best_model_score is not None:  # what chose it, beside last_epoch/
-            results[f"best/{trainer.checkpoint_callback.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
-        results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
-        results.update(split_honesty(datamodule))
-    results.update(getattr(module, "param_counts", {}))
-    results["epochs"] = trainer.current_epoch
-    results["wall_time_s"] = round(time.perf_counter() - started, 2)
-    if trainer.is_global_zero:
-        metrics_csv = output_dir / "csv" / "metrics.csv"
-        if metrics_csv.is_file():  # curves are easier seen than read
-            with open(metrics_csv) as handle:
-                scored = "val/top1" in handle.readline().strip().split(",")
-            results["curves"] = str(
-                plot_curves([load_local_run(output_dir, cfg.task_name)], output_dir / "val_top1.png") if scored
-                else plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))  # no labels scored (SimMIM)
-        write_json(output_dir / "results.json", results)
     return results
+
+
+def test_best(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict:
+    """Test the best checkpoint (the last weights without one): ``test/*``, what chose it, and whether the test
+    images are the validation images that chose it."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    results: dict = {"best_checkpoint": best}
+    if best and trainer.checkpoint_callback.best_model_score is not None:  # what chose it, beside last_epoch/
+        results[f"best/{trainer.checkpoint_callback.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
+    results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
+    results.update(split_honesty(datamodule))
+    return results
+
+
+def record(results: dict, output_dir: Path, task_name: str) -> None:
+    """The curves (val top-1, or the loss when no labels are scored) and ``results.json`` of the run directory."""
+    metrics_csv = output_dir / "csv" / "metrics.csv"
+    if metrics_csv.is_file():  # curves are easier seen than read
+        with open(metrics_csv) as handle:
+            scored = "val/top1" in handle.readline().strip().split(",")
+        results["curves"] = str(
+            plot_curves([load_local_run(output_dir, task_name)], output_dir / "val_top1.png") if scored
+            else plot_loss_curve(metrics_csv, output_dir / "val_loss.png"))  # no labels scored (SimMIM)
+    write_json(output_dir / "results.json", results)
 
 
 def last_epoch_metrics(metrics: dict) -> dict[str, float]:

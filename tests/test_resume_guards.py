@@ -109,8 +109,8 @@ def test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule(o
     assert lrs[:4] == pytest.approx([_cosine(s, 4) for s in range(1, 5)], rel=1e-6)
     assert lrs[4:] == pytest.approx([_cosine(s, 12) for s in range(5, 13)], rel=1e-6)
     assert lrs[4] > 10 * MIN_LR
-    assert "lr schedule extended: the checkpoint's schedule had 4 optimizer steps, this run's has 12" in \
-        (run / "train.log").read_text()
+    assert ("lr schedule on resume: optimizer updates in all 4 -> 12; the lr continues at update 4 of 12 (epoch 1) "
+            "of this run's schedule") in (run / "train.log").read_text()
 
 
 def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(one_epoch_run, digits_teacher_file,

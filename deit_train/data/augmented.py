@@ -93,7 +93,7 @@ class AugmentedDataModule(ImageDataModule):
         return sum(t.skipped for t in self._tolerant)
 
     def train_order(self, num_replicas: int, rank: int) -> Sampler | None:
-        return self.recipe.sampler(self.train_set, num_replicas, rank)
+        return self.recipe.sampler(self.train_set, num_replicas, rank, seed=self.seed)
 
     def teardown(self, stage: str) -> None:
         if self._tolerant:

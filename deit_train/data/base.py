@@ -12,6 +12,7 @@ from deit_train.data.device_augment import DeviceFinish, DeviceImages
 from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.data.workers import default_num_workers
+from deit_train.errors import ConfigError
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -104,8 +105,17 @@ class ImageDataModule(L.LightningDataModule):
     def train_loader(self, num_replicas: int, rank: int) -> DataLoader:
         """The training loader of ``rank`` out of ``num_replicas``: the deterministic stream of
         :mod:`deit_train.data.stream` (also used by the teacher-only pass, which walks every rank's share)."""
-        sampler = SeededSampler(self.train_set, num_replicas, rank, seed=self.seed,
-                                order=self.train_order(num_replicas, rank))
+        order = self.train_order(num_replicas, rank)
+        sampler = SeededSampler(self.train_set, num_replicas, rank, seed=self.seed, order=order)
+        if len(sampler) < self.batch_size:  # the loader drops the incomplete last batch: an epoch of nothing
+            subset = f" (data.train_fraction={self.train_fraction})" if self.train_fraction != 1.0 else ""
+            kept = (f", of which repeated augmentation (augment.repeated_aug) keeps {len(sampler)} per process"
+                    if order is not None else "")
+            raise ConfigError(
+                f"data.batch_size={self.batch_size} is more than the {len(sampler)} training images each of "
+                f"{num_replicas} process(es) gets per epoch ({len(self.train_set)} images{subset}{kept}), so an "
+                "epoch would train nothing: lower data.batch_size, train on fewer processes (trainer.devices) or "
+                "on more data (data.train_fraction)")
         return self._loader(SeededDataset(self.train_set, self.seed), train=True, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:

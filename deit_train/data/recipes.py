@@ -47,13 +47,18 @@ class AugmentRecipe:
         mixup_alpha, cutmix_alpha, mixup_prob, mixup_switch_prob, mixup_mode: ``timm.data.Mixup``; both alphas
             0 = no mixing.
         label_smoothing: carried by the Mixup soft targets (without Mixup the loss applies its own).
-        repeated_aug: copies of each image per epoch through :class:`RepeatedAugSampler` (1 = off). As in the
-            official DeiT code it is used only when training on more than one process.
+        repeated_aug: copies of each image per epoch through :class:`RepeatedAugSampler` (1 = off), on more than
+            one process.
         repeated_aug_full_epoch: see :class:`RepeatedAugSampler`.
         device: RandAugment on the device (:mod:`deit_train.data.device_augment`): workers decode (JPEG at a
             reduced DCT scale where the crop allows), crop, flip and draw the ops; the device applies them. Same
             draws as the CPU path, pixels within resampling arithmetic of it: another stream. Off: the exact CPU
             path.
+        repeated_aug_one_process: also on one process, as the official ``main.py`` does (its ``RASampler`` sits
+            under ``if True:  # args.distributed``). There the copies of an image are neighbours in one batch
+            (``[a, a, a, b, b, b, ...]``: batch augmentation, not copies spread over GPUs) and an epoch of the
+            official length shows about a third of the images; off by default, so that a one-process run sees
+            every image once per epoch.
     """
 
     def __init__(
@@ -77,6 +82,7 @@ class AugmentRecipe:
         repeated_aug: int = 1,
         repeated_aug_full_epoch: bool = False,
         device: bool = False,
+        repeated_aug_one_process: bool = False,
     ) -> None:
         if train_crop not in ("rrc", "src", "none"):
             raise ConfigError(f"augment.train_crop={train_crop!r}: use rrc, src or none")
@@ -94,6 +100,7 @@ class AugmentRecipe:
         self.label_smoothing = label_smoothing
         self.repeated_aug = repeated_aug
         self.repeated_aug_full_epoch = repeated_aug_full_epoch
+        self.repeated_aug_one_process = repeated_aug_one_process
         self.device = bool(device)
         if self.device:
             self._check_device()
@@ -165,14 +172,19 @@ class AugmentRecipe:
                      switch_prob=self.mixup_switch_prob, mode=self.mixup_mode,
                      label_smoothing=self.label_smoothing, num_classes=num_classes)
 
-    def sampler(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True) -> Sampler | None:
+    def sampler(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool = True,
+                seed: int = 0) -> Sampler | None:
         """The repeated-augmentation sampler for this rank, or None (plain shuffling) when off."""
-        if self.repeated_aug <= 1 or num_replicas <= 1:
-            if self.repeated_aug > 1:
-                log.info("repeated augmentation needs several processes (official DeiT behaviour): off on 1")
+        if self.repeated_aug <= 1:
+            return None
+        if num_replicas <= 1 and not self.repeated_aug_one_process:
+            log.info("augment.repeated_aug=%d is off on one process: the official DeiT main.py would still use it, "
+                     "putting the %d copies of an image into one batch and showing about a third of the images per "
+                     "epoch; augment.repeated_aug_one_process=true does as it does", self.repeated_aug,
+                     self.repeated_aug)
             return None
         return RepeatedAugSampler(dataset, num_replicas=num_replicas, rank=rank, num_repeats=self.repeated_aug,
-                                  shuffle=shuffle, full_epoch=self.repeated_aug_full_epoch)
+                                  shuffle=shuffle, full_epoch=self.repeated_aug_full_epoch, seed=seed)
 
 
 def _posterize_keeping_zero_bits(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:

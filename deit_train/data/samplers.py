@@ -3,14 +3,18 @@ in an epoch, each copy on a different rank, so each copy gets its own random aug
 """
 from __future__ import annotations
 
+import torch
 from timm.data.distributed_sampler import RepeatAugSampler
 from torch.utils.data import Dataset, DistributedSampler
+
+from deit_train.data.stream import epoch_permutation
 
 
 class RepeatedAugSampler(RepeatAugSampler, DistributedSampler):
     """timm's ``RepeatAugSampler`` (the official DeiT ``RASampler``), given rank and world size explicitly.
 
-    The epoch-seeded permutation is repeated ``[a, a, a, b, b, b, ...]`` and dealt round-robin to the ranks,
+    The permutation of (seed, epoch) (:func:`epoch_permutation`; timm's is seeded by the epoch alone, the same
+    for every seed) is repeated ``[a, a, a, b, b, b, ...]`` and dealt round-robin to the ranks,
     so the ranks' shares are disjoint positions of that list and the copies of one image land on different ranks.
 
     ``full_epoch=False`` is the official behaviour: each rank stops after ``len(dataset) / world`` samples
@@ -30,6 +34,7 @@ class RepeatedAugSampler(RepeatAugSampler, DistributedSampler):
         num_repeats: int = 3,
         shuffle: bool = True,
         full_epoch: bool = False,
+        seed: int = 0,
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
@@ -43,7 +48,15 @@ class RepeatedAugSampler(RepeatAugSampler, DistributedSampler):
         if full_epoch:
             self.num_selected_samples = self.num_samples
         # DistributedSampler attributes that Lightning or user code may read
-        self.seed, self.drop_last = 0, False
+        self.seed, self.drop_last = seed, False
+
+    def __iter__(self):
+        size = len(self.dataset)
+        order = torch.tensor(epoch_permutation(size, self.seed, self.epoch) if self.shuffle else range(size))
+        repeated = torch.repeat_interleave(order, int(self.num_repeats)).tolist()  # [a, a, a, b, b, b, ...]
+        # timm's dealing: round-robin over the ranks, wrapping around to pad, up to the selected samples
+        share = range(self.rank, self.total_size, self.num_replicas)[:self.num_selected_samples]
+        return iter([repeated[i % len(repeated)] for i in share])
 
     def __len__(self) -> int:
         return self.num_selected_samples

@@ -14,6 +14,7 @@ the uninterrupted run's stream, and a teacher-logit cache can be keyed by (epoch
 """
 from __future__ import annotations
 
+import math
 import random
 
 import lightning as L
@@ -22,8 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-# kinds of draws, so that a sample seed never equals a step seed
-_SAMPLE, _STEP, _INDEX = 0, 1, 2
+# kinds of draws, so that a sample seed never equals a step, index or order seed
+_SAMPLE, _STEP, _INDEX, _ORDER = 0, 1, 2, 3
 
 
 def stream_seed(*keys: int) -> int:
@@ -95,6 +96,14 @@ def step_seed(seed: int, epoch: int, batch_idx: int, rank: int) -> int:
     return stream_seed(_STEP, seed, epoch, batch_idx, rank)
 
 
+def epoch_permutation(size: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of ``size`` items in ``epoch`` of a run seeded ``seed``. Its generator is seeded by a hash
+    of (seed, epoch): with ``seed + epoch`` (torch's DistributedSampler; timm's RepeatAugSampler even ignores the
+    seed) seed 1's epoch 0 would be seed 0's epoch 1, and the runs of a seed sweep would share their orders."""
+    generator = torch.Generator().manual_seed(stream_seed(_ORDER, seed, epoch))
+    return torch.randperm(size, generator=generator).tolist()
+
+
 def seed_globals(seed: int, cpu_only: bool = False) -> None:
     """Seed python ``random``, numpy and torch's default generator(s); ``cpu_only`` leaves CUDA's untouched."""
     random.seed(seed)
@@ -108,8 +117,9 @@ def seed_globals(seed: int, cpu_only: bool = False) -> None:
 class SeededSampler(DistributedSampler):
     """This rank's epoch order, each index paired with its sample seed: yields ``(index, seed)``.
 
-    The order is ``order``'s (e.g. the repeated-augmentation sampler) or, without one, DistributedSampler's
-    permutation seeded by ``seed + epoch`` (padded to an equal share per rank; one rank = a plain shuffle).
+    The order is ``order``'s (e.g. the repeated-augmentation sampler) or, without one, :func:`epoch_permutation`
+    dealt to the ranks as DistributedSampler deals its own (padded to an equal share per rank; one rank = a plain
+    shuffle).
     A ``DistributedSampler``, so that Lightning keeps it under DDP instead of inserting its own; Lightning calls
     :meth:`set_epoch` before every epoch, also when resuming.
     """
@@ -134,9 +144,16 @@ class SeededSampler(DistributedSampler):
         if self.order is not None and hasattr(self.order, "set_epoch"):
             self.order.set_epoch(epoch)
 
+    def _shuffled_share(self) -> list[int]:
+        size = len(self.dataset)
+        indices = epoch_permutation(size, self.seed, self.epoch) if self.shuffle else list(range(size))
+        padding = self.total_size - size  # DistributedSampler's: repeat the head so that every rank gets as many
+        indices += (indices * math.ceil(padding / max(size, 1)))[:padding]
+        return indices[self.rank:self.total_size:self.num_replicas]
+
     def __iter__(self):
         start, self._resume_at = self.start_position(), None  # a resumed epoch continues at its position
-        indices = list(self.order) if self.order is not None else list(super().__iter__())
+        indices = list(self.order) if self.order is not None else self._shuffled_share()
         seeds = sample_seeds(self.seed, self.epoch, self.rank, np.arange(start, len(indices)))  # a sample keeps its position's seed
         yield from zip(map(int, indices[start:]), seeds.tolist())
 

@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
@@ -108,12 +107,14 @@ class ClassificationModule(RecipeTrainedModule):
 
     # ---- the EMA copy in checkpoints --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        super().on_save_checkpoint(checkpoint)  # the lr schedule's shape (RecipeTrainedModule)
         if self.ema is not None:
             checkpoint["state_dict"].update({f"{_EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the EMA (and takes its keys out of the state dict the student loads strictly from). A checkpoint
         of a run without EMA starts the EMA at its student's weights, as timm's EMA starts at the loaded model."""
+        super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
         ema_state = {k[len(_EMA_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_EMA_PREFIX)]}
         if self.ema is None:
@@ -123,9 +124,6 @@ class ClassificationModule(RecipeTrainedModule):
         self.ema.load_state_dict(ema_state)
 
     # ---- training -------------------------------------------------------------------------------
-    def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self._batch_started = time.perf_counter()
-
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
         if self.mixup is not None:
@@ -143,10 +141,6 @@ class ClassificationModule(RecipeTrainedModule):
         if self.ema is not None and self.global_step != self._ema_step:  # once per optimizer step (accumulation)
             self._ema_step = self.global_step
             self.ema.update(self.student, step=self.global_step)
-        seconds = time.perf_counter() - self._batch_started
-        images = len(batch[0]) * self.trainer.world_size
-        self.log("train/throughput", images / max(seconds, 1e-9), on_step=False, on_epoch=True, batch_size=1,
-                 rank_zero_only=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False,
                  rank_zero_only=True)
 

@@ -8,6 +8,7 @@ update, and the ``lr_scale`` its schedulers apply per parameter group (layer-wis
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 
 import lightning as L
@@ -79,17 +80,13 @@ def parameters_on_cuda(model: nn.Module) -> bool:
 class RecipeCosineScheduler(CosineLRScheduler):
     """timm's cosine schedule, rebuilt from the run's config on resume instead of restored from the checkpoint.
 
-    The schedule is a function of the step and of the config (lr, warmup, length): a resumed run with a larger
-    ``trainer.max_epochs`` continues on the longer cosine from the restored step, as timm's train script does,
-    instead of the old one's ``min_lr`` tail.
+    The schedule is a function of the update count and of the config (lr, warmup, length): a resumed run with a
+    larger ``trainer.max_epochs`` continues on the longer cosine, as timm's train script does, instead of the old
+    one's ``min_lr`` tail (:meth:`RecipeTrainedModule.on_train_start` says what changed).
     """
 
     def load_state_dict(self, state_dict: dict) -> None:
-        old_steps = state_dict.get("t_initial", self.t_initial) + state_dict.get("warmup_t", self.warmup_t)
-        new_steps = self.t_initial + self.warmup_t
-        if old_steps != new_steps:
-            log.info("lr schedule extended: the checkpoint's schedule had %d optimizer steps, this run's has %d; "
-                     "the cosine continues on the new length from the restored step", old_steps, new_steps)
+        pass
 
 
 @dataclass
@@ -185,13 +182,15 @@ class RecipeTrainedModule(L.LightningModule):
 
     def configure_optimizers(self):
         total_steps = int(self.trainer.estimated_stepping_batches)
-        steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
+        self.schedule_shape = self.updates_per_epoch()
+        steps_per_epoch = self.schedule_shape["updates_per_epoch"]
         global_batch = self.global_batch_size()
         optimizer, scheduler = self.optim.build(getattr(self, self.optimized_attr), global_batch, total_steps,
                                                 steps_per_epoch, ndims=getattr(self, "_parameter_ndims", None),
                                                 clipped_under_amp=self.clips_under_amp())
+        self.schedule_shape["total_steps"] = total_steps
         self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
-                                 "optim/total_steps": total_steps}
+                                 "optim/total_steps": total_steps, "optim/steps_per_epoch": steps_per_epoch}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def clips_under_amp(self) -> bool:
@@ -202,13 +201,63 @@ class RecipeTrainedModule(L.LightningModule):
         # Lightning calls setup before the strategy wraps the module and configure_optimizers after
         self._parameter_ndims = parameter_ndims(getattr(self, self.optimized_attr))
 
+    def updates_per_epoch(self) -> dict[str, int]:
+        """Optimizer updates per epoch from the loader's batches and the accumulation (as Lightning steps them),
+        not ``total_steps // max_epochs``: a run bounded by ``trainer.max_steps`` keeps its epochs' length."""
+        trainer = self.trainer
+        if trainer.train_dataloader is None:  # max_epochs=null with max_steps: Lightning did not load it
+            trainer.fit_loop.setup_data()
+        batches = trainer.num_training_batches
+        if batches == float("inf"):
+            raise ConfigError("optim.warmup_epochs needs epochs of known length, but the training loader has no "
+                              "length: give the dataset a __len__ or train with optim.warmup_epochs=0")
+        accumulate = trainer.accumulate_grad_batches
+        return {"batches_per_epoch": int(batches), "accumulate_grad_batches": accumulate,
+                "world_size": trainer.world_size, "updates_per_epoch": max(math.ceil(batches / accumulate), 1)}
+
+    def schedule_position(self) -> int:
+        """Updates done in this run's schedule: the run's own ``global_step``, shifted after a resume whose
+        updates per epoch differ (:meth:`on_train_start`)."""
+        return self.global_step + getattr(self, "_schedule_offset", 0)
+
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        scheduler.step_update(num_updates=self.global_step)
+        scheduler.step_update(num_updates=self.schedule_position())
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        shape = getattr(self, "schedule_shape", None)
+        if shape is not None:
+            checkpoint["schedule_shape"] = {**shape, "position": self.schedule_position()}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._resumed_shape = checkpoint.get("schedule_shape")
+        self._resumed_step = checkpoint.get("global_step", 0)
 
     def on_train_start(self) -> None:
+        resumed = getattr(self, "_resumed_shape", None)
+        if resumed is not None:
+            self._place_resumed_schedule(resumed)
         # a resumed run's optimizer carries the checkpoint's last lr; its first step takes this run's schedule
         for config in self.trainer.lr_scheduler_configs:
-            config.scheduler.step_update(num_updates=self.global_step)
+            config.scheduler.step_update(num_updates=self.schedule_position())
+
+    def _place_resumed_schedule(self, old: dict) -> None:
+        """As timm's train.py resumes: position = completed epochs x this run's updates per epoch + the update
+        within the epoch, so that another world size, accumulation or epoch length (a requeue on another
+        allocation) keeps every epoch at its lr of this run's schedule; one line says what changed."""
+        new = self.schedule_shape
+        old_position = old.get("position", self._resumed_step)
+        epochs, within = divmod(old_position, max(old["updates_per_epoch"], 1))
+        position = epochs * new["updates_per_epoch"] + min(within, new["updates_per_epoch"])
+        self._schedule_offset = position - self.global_step
+        names = {"world_size": "world size", "accumulate_grad_batches": "accumulation",
+                 "batches_per_epoch": "batches per epoch", "updates_per_epoch": "optimizer updates per epoch",
+                 "total_steps": "optimizer updates in all"}
+        changed = [f"{name} {old[key]} -> {new[key]}" for key, name in names.items()
+                   if key in old and old[key] != new[key]]
+        if changed:
+            log.info("lr schedule on resume: %s; the lr continues at update %d of %d (epoch %d%s) of this run's "
+                     "schedule", ", ".join(changed), position, new["total_steps"], epochs,
+                     f", update {within} within it" if within else "")
 
     def parameter_counts(self) -> dict[str, int]:
         model = getattr(self, self.optimized_attr)

@@ -9,6 +9,8 @@ from typing import IO, Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from deit_train.errors import ConfigError
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
     """``write`` into a temporary file beside ``path``, fsync, then rename over ``path``.
@@ -44,3 +46,28 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
         atomic_torch_save(checkpoint, path)
+
+
+def load_checkpoint_file(option: str, path: str | os.PathLike):
+    """The object stored in ``path`` (memory-mapped, so cheap for large files), or one line naming ``option``:
+    missing, unreadable, truncated, not a checkpoint."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConfigError(f"{option}={path} does not exist: check the path")
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise ConfigError(f"{option}={path} is not a readable file: check the path and its permissions")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                return {key: None for key in handle.keys()}
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except RuntimeError as exc:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch/safetensors raise many types for a truncated or foreign file
+        raise ConfigError(f"{option}={path} cannot be read as a checkpoint ({type(exc).__name__}; truncated or not a "
+                          "torch/safetensors file): pass a .pth/.ckpt/.safetensors file of weights") from exc

@@ -1,5 +1,9 @@
-"""Options checked before anything is built, so that a bad one is one line naming it (not a traceback from deep
-inside timm, torch or Lightning): numbers given as text, counts below their minimum, unusable paths."""
+"""Preflight: every check that can fail without training, in one place, before anything trains or is written.
+
+A bad option is one line naming it (not a traceback from deep inside timm, torch or Lightning, and not after a
+teacher was bootstrapped for an hour): the run directory's record, numbers given as text, counts below their
+minimum, probabilities and fractions out of range, unusable paths (named by the option that gave them), the
+accelerator, the data source's own checks, the student's shapes and the checkpoint to resume from."""
 from __future__ import annotations
 
 import os
@@ -8,12 +12,34 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf, open_dict
 
-from deit_train.errors import ConfigError
+from deit_train.errors import ConfigError, find_config_error
+from deit_train.run.checkpoints import load_checkpoint_file
+from deit_train.run.environment import check_accelerator
+from deit_train.run.launch import is_global_zero
+from deit_train.run.resume import (check_checkpoint_fits, check_same_experiment, record_trained_config,
+                                   trained_values)
 
 # Counts and their minimum (num_workers 0 = load in the main process).
-COUNTS = {"data.batch_size": 1, "trainer.max_epochs": 1, "data.num_workers": 0, "trainer.accumulate_grad_batches": 1}
+COUNTS = {"data.batch_size": 1, "trainer.max_epochs": 1, "data.num_workers": 0, "trainer.accumulate_grad_batches": 1,
+          "trainer.num_nodes": 1, "trainer.check_val_every_n_epoch": 1, "augment.repeated_aug": 1,
+          "augment.re_count": 1, "teacher.cache_topk": 1, "model.image_size": 1, "model.patch_size": 1,
+          "model.num_hidden_layers": 1, "model.num_attention_heads": 1}
+# Numbers and their range: (low, high, low included, high included, what the number is).
+RANGES = {
+    **{option: (0.0, 1.0, True, True, "a probability in [0, 1]") for option in (
+        "augment.hflip", "augment.re_prob", "augment.mixup_prob", "augment.mixup_switch_prob", "distill.alpha",
+        "teacher.min_val_top1", "module.mask_ratio")},
+    **{option: (0.0, 1.0, False, True, "a fraction in (0, 1]") for option in ("data.train_fraction", "optim.layer_decay")},
+    **{option: (0.0, 1.0, True, False, "a rate in [0, 1)") for option in (
+        "augment.label_smoothing", "distill.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
+    **{option: (0.0, float("inf"), True, False, "a number >= 0") for option in (
+        "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "augment.mixup_alpha",
+        "augment.cutmix_alpha")},
+    **{option: (0.0, float("inf"), False, False, "a number > 0") for option in ("optim.base_lr", "distill.tau")},
+}
 # Numbers in some configs that also take text: `trainer.devices=auto|0,1`, `trainer.precision=bf16-mixed`.
 NUMBER_OR_TEXT = ("trainer.devices", "trainer.precision")
 # Options holding a weights file (or a transformers directory).
@@ -24,9 +50,36 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def preflight(cfg: DictConfig) -> None:
+    """Everything that can be checked before training, cheapest first; the first failure is one line (exit 2).
+
+    Nothing is written before every check passed: a refused start leaves an existing run directory as it was;
+    then the resolved trained values are recorded for the run directory's guard. A staged run checks its own
+    options here and each stage's when the stage starts (a stage's inputs are the earlier stages' outputs)."""
+    check_same_experiment(cfg, cfg.paths.output_dir)  # a run directory's stored config is its record
+    trained = trained_values(cfg)  # as configured (before the data source counts its classes into it)
+    check_options(cfg)
+    if not cfg.get("stages"):
+        check_paths(cfg, skip=("teacher.checkpoint",) if teacher_to_bootstrap(cfg) else ())
+        count_classes(cfg)  # the data source's own checks (root, class count)
+        check_student(cfg)
+        if cfg.get("ckpt_path"):
+            check_checkpoint_fits(cfg.ckpt_path, cfg)
+        check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
+    if is_global_zero():  # all checks passed: what the guard compares a later start with
+        record_trained_config(trained, cfg.paths.output_dir)
+
+
+def teacher_to_bootstrap(cfg: DictConfig) -> bool:
+    """Whether the run's teacher phase will train the teacher (``teacher_recipe``, its file still missing)."""
+    checkpoint = OmegaConf.select(cfg, "teacher.checkpoint", default=None)
+    return bool(cfg.get("teacher_recipe") and checkpoint and not Path(str(checkpoint)).expanduser().is_file())
+
+
 def check_options(cfg: DictConfig) -> None:
-    """Counts, and numbers typed as text on the command line (inside a Hydra run)."""
+    """Counts, ranges, and numbers typed as text on the command line (inside a Hydra run)."""
     check_counts(cfg)
+    check_ranges(cfg)
     check_fsdp_combinations(cfg)
     if not HydraConfig.initialized():
         return
@@ -37,6 +90,54 @@ def check_options(cfg: DictConfig) -> None:
                                        throw_on_resolution_failure=False), str) for o in values):
         defaults = hydra.compose(config_name="train", overrides=[o for o in task if o not in values])
         check_number_overrides(cfg, values, defaults)
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    for option, (low, high, low_in, high_in, kind) in RANGES.items():
+        value = OmegaConf.select(cfg, option, default=None, throw_on_resolution_failure=False)
+        if value is None or isinstance(value, str):
+            continue  # text typed for a number is check_number_overrides' to refuse
+        if not _is_number(value):
+            raise ConfigError(f"{option}={value!r} is not a number: pass {kind}")
+        inside = (low < value or (low_in and value == low)) and (value < high or (high_in and value == high))
+        if not inside:
+            bounds = f"{'[' if low_in else '('}{low:g}, {high:g}{']' if high_in else ')'}"
+            raise ConfigError(f"{option}={value} is outside {bounds}: pass {kind}")
+
+
+def count_classes(cfg: DictConfig) -> None:
+    """Build the data module (its constructor checks its root and class count) and write the class count into
+    ``data.num_classes`` where the config lets the source count them (folders, HF): the models read it."""
+    if "data" not in cfg:
+        return
+    datamodule = _instantiate(cfg.data)
+    if "num_classes" in cfg.data:
+        with open_dict(cfg):
+            cfg.data.num_classes = datamodule.num_classes
+
+
+def check_student(cfg: DictConfig) -> None:
+    """Build the student on the meta device (no memory, no weights read): its shape checks (image size vs patch
+    size, width vs heads, ...) fail here, not after a teacher was trained. Weights to start from are checked as
+    files by :func:`check_paths`; hub weights (``model.pretrained``) are fetched when the run builds it."""
+    if "model" not in cfg or OmegaConf.select(cfg, "model.pretrained", default=None):
+        return
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    if "init_from" in model:
+        model["init_from"] = None
+    with torch.device("meta"):
+        _instantiate(model)
+
+
+def _instantiate(node):
+    """``instantiate``, with the ConfigError a target raised as itself (Hydra wraps it)."""
+    try:
+        return instantiate(node)
+    except Exception as exc:
+        error = find_config_error(exc)
+        if error is None:
+            raise
+        raise error from exc
 
 
 def check_counts(cfg: DictConfig) -> None:
@@ -87,37 +188,15 @@ def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: Dict
             raise ConfigError(f"{key}={value!r} is not a number (the config's default is {default}): pass a number")
 
 
-def load_checkpoint_file(option: str, path: str | os.PathLike):
-    """The object stored in ``path`` (memory-mapped, so cheap for large files), or one line naming ``option``:
-    missing, unreadable, truncated, not a checkpoint."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise ConfigError(f"{option}={path} does not exist: check the path")
-    if not path.is_file() or not os.access(path, os.R_OK):
-        raise ConfigError(f"{option}={path} is not a readable file: check the path and its permissions")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="pt") as handle:
-                return {key: None for key in handle.keys()}
-        try:
-            return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except RuntimeError as exc:  # a file in torch's legacy (pre-1.6) format cannot be memory-mapped
-            if "mmap" not in str(exc):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # torch/safetensors raise many types for a truncated or foreign file
-        raise ConfigError(f"{option}={path} cannot be read as a checkpoint ({type(exc).__name__}; truncated or not a "
-                          "torch/safetensors file): pass a .pth/.ckpt/.safetensors file of weights") from exc
-
-
-def check_paths(cfg: DictConfig) -> None:
-    """Weight files and the data root: present, readable, and (for weights) a checkpoint at all."""
+def check_paths(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
+    """Weight files and the data root: present, readable, and (for weights) a checkpoint at all; not the options
+    in ``skip``."""
     from deit_train.models.hf_convert import is_hf_directory
 
     for option in WEIGHT_FILES:
         value = OmegaConf.select(cfg, option, default=None)
+        if option in skip:
+            continue
         if value and not is_hf_directory(Path(str(value)).expanduser()):
             load_checkpoint_file(option, value)
     root = OmegaConf.select(cfg, "data.root", default=None)

@@ -17,14 +17,14 @@ import logging
 from pathlib import Path
 
 import lightning as L
+import yaml
 from hydra.experimental.callback import Callback
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deit_train.errors import ConfigError
-from deit_train.run.checkpoints import atomic_write_text
+from deit_train.run.checkpoints import atomic_write_text, load_checkpoint_file
 from deit_train.run.launch import is_global_zero
-from deit_train.run.preflight import load_checkpoint_file
 from deit_train.run.trained_model import CHECKPOINT_KEY
 
 log = logging.getLogger(__name__)
@@ -72,10 +72,39 @@ def _flat(node, prefix: str = "") -> dict[str, object]:
     return {prefix[:-1]: node}
 
 
+def _resolved(cfg: DictConfig, key: str, unresolved: object) -> object:
+    """``key``'s value as the run used it (``${seed}``, ``${paths.cache_dir}/...`` resolved), or the text itself
+    where it cannot be resolved here (e.g. ``${hydra:...}`` outside a Hydra run)."""
+    try:
+        value = OmegaConf.select(cfg, key)
+        return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+    except Exception:  # noqa: BLE001 -- any resolver's failure (a key missing here): compare the text instead
+        return unresolved
+
+
 def _trained(cfg: DictConfig) -> dict[str, object]:
     flat = _flat({k: OmegaConf.to_container(cfg[k], resolve=False) if isinstance(cfg.get(k), DictConfig)
                   else cfg.get(k) for k in TRAINED_SECTIONS})
-    return {k: v for k, v in flat.items() if not k.startswith(_NOT_TRAINED_KEYS)}
+    return {k: _resolved(cfg, k, v) for k, v in flat.items() if not k.startswith(_NOT_TRAINED_KEYS)}
+
+
+def trained_record_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ".hydra" / "trained.yaml"
+
+
+def trained_values(cfg: DictConfig) -> dict[str, object]:
+    """What the run trains, resolved: the values :func:`check_same_experiment` compares."""
+    return _trained(cfg)
+
+
+def record_trained_config(trained: dict[str, object], run_dir: str | Path) -> None:
+    """Write the resolved trained values into ``<run>/.hydra/trained.yaml`` once, at the run's first start: the
+    stored config keeps ``${oc.env:DEIT_TRAIN_CACHE}``-style text, which a later start would resolve with its own
+    environment (a moved cache directory would look unchanged)."""
+    path = trained_record_path(run_dir)
+    if path.is_file():
+        return
+    atomic_write_text(path, yaml.safe_dump(trained, sort_keys=True))
 
 
 def _differences(stored: dict, asked: dict, limit: int = 6) -> str:
@@ -86,14 +115,17 @@ def _differences(stored: dict, asked: dict, limit: int = 6) -> str:
 
 def check_same_experiment(cfg: DictConfig, run_dir: str | Path) -> None:
     """Refuse to continue a run directory whose stored config trains something else (the stored config is the
-    run's record and is never rewritten: see :class:`KeepStoredRunConfig`).
+    run's record and is never rewritten: see :class:`KeepStoredRunConfig`). Values are compared resolved, as the
+    run used them: ``data.seed: ${seed}`` is the same text for every seed.
 
     Only global rank 0 decides: the other processes of a multi-task start (srun, submitit) may look while rank 0
     writes the record, and rank 0's refusal stops them (``srun --kill-on-bad-exit``, or the DDP rendezvous)."""
     stored_path = stored_config_path(run_dir)
     if not is_global_zero() or not stored_path.is_file():
         return
-    diff = _differences(_trained(OmegaConf.load(stored_path)), _trained(cfg))
+    record = trained_record_path(run_dir)
+    stored = yaml.safe_load(record.read_text()) if record.is_file() else _trained(OmegaConf.load(stored_path))
+    diff = _differences(stored, _trained(cfg))
     if diff:
         raise ConfigError(f"run directory {run_dir} holds a run with another config ({diff}): pass a new "
                           "hydra.run.dir for a new experiment, or the run's own settings to continue it")

@@ -144,10 +144,22 @@ class FrozenTeacher(nn.Module):
         self.model.requires_grad_(False)
         self.model.eval()
         cfg = self.model.pretrained_cfg
-        self.mean = tuple(mean if mean is not None else identity.mean or cfg.get("mean", IMAGENET_DEFAULT_MEAN))
-        self.std = tuple(std if std is not None else identity.std or cfg.get("std", IMAGENET_DEFAULT_STD))
-        trained_size = identity.image_size or (cfg["input_size"][-1] if hub_name else None)
-        self.image_size = int(image_size or trained_size) if (image_size or trained_size) else None
+        # a file without its own normalisation gets ImageNet's; timm's pretrained config describes its hub weights
+        # only (its default tag of e.g. vit_base_patch16_224 is mean/std 0.5, not what a foreign file was trained on)
+        mean, mean_from = _first((mean, "teacher.mean"), (identity.mean, "the teacher file"),
+                                 (cfg.get("mean") if hub_name else None, f"timm's pretrained config of {hub_name}"),
+                                 (IMAGENET_DEFAULT_MEAN, "ImageNet's, the default for a file without its own"))
+        std, std_from = _first((std, "teacher.std"), (identity.std, "the teacher file"),
+                               (cfg.get("std") if hub_name else None, f"timm's pretrained config of {hub_name}"),
+                               (IMAGENET_DEFAULT_STD, "ImageNet's, the default for a file without its own"))
+        self.mean, self.std = tuple(mean), tuple(std)
+        size, size_from = _first((image_size, "teacher.image_size"), (identity.image_size, "the teacher file"),
+                                 (cfg["input_size"][-1] if hub_name else None, f"timm's pretrained config of {hub_name}"),
+                                 (None, "the student's: the batch is not resized"))
+        self.image_size = int(size) if size else None
+        normalisation = f"mean {_rounded(self.mean)} ({mean_from}), std {_rounded(self.std)} ({std_from})"
+        log.info("teacher %s: normalisation %s; resolution %s (%s)", model_name, normalisation,
+                 self.image_size or "as the student's", size_from)
         self.interpolation = interpolation or identity.interpolation or "bicubic"
         self.class_names = list(identity.class_names) if identity.class_names else None
         self.class_order = class_order
@@ -268,6 +280,15 @@ class FrozenTeacher(nn.Module):
                 "precision": self._resolved_precision, "image_size": self.image_size,
                 "interpolation": self.interpolation, "mean": list(self.mean), "std": list(self.std),
                 "class_order": None if self.class_index is None else self.class_index.tolist()}
+
+
+def _first(*candidates: tuple[object, str]) -> tuple[object, str]:
+    """The first set value and where it came from (the last candidate when none is set)."""
+    return next(((value, source) for value, source in candidates if value is not None), candidates[-1])
+
+
+def _rounded(values: Sequence[float]) -> str:
+    return "(" + ", ".join(f"{v:.4g}" for v in values) + ")"
 
 
 def _deit_weights(model_name: str) -> str:
