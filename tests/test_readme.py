@@ -116,6 +116,8 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
         ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
+    "python -m deit_train experiment=quickstart model.image_size=33":
+        ("elsewhere", "test_preflight.py::test_bad_student_option_stops_before_the_teacher_is_bootstrapped"),
     "python scripts/benchmark_data.py --num-images 8 --rounds 1 --json data.json --markdown data.md":
         ("elsewhere", "test_benchmark_data.py"),
     "python -m deit_train.pack data=imagefolder data.root=/data/imagenet out=/nvme/imagenet-pack":
