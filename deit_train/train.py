@@ -21,7 +21,8 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from deit_train.run.checkpoints import AtomicCheckpointIO, atomic_torch_save
-from deit_train.compare import load_local_run, plot_curves
+from deit_train.compare.plots import plot_curves
+from deit_train.compare.runs import load_local_run
 from deit_train.run.config import CONFIG_DIR, require_experiment
 from deit_train.run.console import quiet_console
 from deit_train.data.stream import StepSeeding

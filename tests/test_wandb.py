@@ -6,7 +6,8 @@ import sys
 import pytest
 
 from conftest import FAST_DIGITS, ROOT, run_cli
-from deit_train.compare import find_runs, load_wandb_offline, summary_rows
+from deit_train.compare.runs import find_runs, load_wandb_offline
+from deit_train.compare.statistics import summary_rows
 from deit_train.run.loggers import offline_reason, run_name
 
 FAKE_KEY = "0123456789abcdef-not-a-real-key"
