@@ -62,5 +62,10 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps(result, indent=2, sort_keys=True))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``deit-eval`` or ``python -m deit_train.eval``."""
     run_main(main, DEFAULTS, USAGE)
+
+
+if __name__ == "__main__":
+    cli()
