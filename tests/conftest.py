@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import random
+import shutil
+import socket
 import subprocess
 import sys
 import traceback
@@ -127,3 +130,47 @@ def trained_run(tmp_path_factory, digits_teacher_file) -> TrainedRun:
     proc = run_cli(args, tmp / "run", tmp / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return TrainedRun(tmp / "run", args, proc)
+
+
+# ---- a local one-node Slurm cluster (scripts/slurm_local_cluster.sh) ------------------------------------------
+SLURM_TOOLS = ("sbatch", "srun", "scontrol", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for the local Slurm")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Environment of a running one-node Slurm, started once for every test module that needs it (tests/
+    test_slurm.py's ``slurm``) and stopped at the end of the session."""
+    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
+    if missing:
+        reason = f"Slurm not installed ({', '.join(missing)} missing): scripts/install_slurm.sh"
+        if os.environ.get("DEIT_TRAIN_REQUIRE_SLURM") or os.environ.get("CI"):  # CI must not skip these
+            pytest.fail(reason)
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs slurmd/slurmctld as root")
+    state = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "scripts" / "slurm_local_cluster.sh")
+    env = {**os.environ, "SLURM_LOCAL_PORT": str(_free_port_pair()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DEIT_TRAIN_CACHE": str(state / "cache"), "PYTHONWARNINGS": "ignore"}
+    started = subprocess.run([script, "start", str(state)], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    env.pop("SLURM_JOB_ID", None)
+    try:
+        yield env
+    finally:
+        subprocess.run([script, "stop", str(state)], env=env, capture_output=True, timeout=120)
