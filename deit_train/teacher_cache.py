@@ -70,6 +70,7 @@ def fill_cache(cfg: DictConfig, progress: bool = True) -> dict:
     on_gpu = cfg.trainer.get("accelerator", "auto") != "cpu" and torch.cuda.is_available()
     device = torch.device("cuda" if on_gpu else "cpu")
     teacher = build_teacher(cfg.teacher).to(device)
+    teacher.match_classes(getattr(datamodule, "classes", None))  # as training does: other classes stop here
     mixup = instantiate(cfg.module.mixup) if cfg.module.get("mixup") is not None else None
     world = _world_size(cfg.trainer, device)
     cache.attach(teacher, datamodule, world)

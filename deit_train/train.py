@@ -34,6 +34,7 @@ from deit_train.run.plots import plot_loss_curve
 from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import check_options, check_paths
+from deit_train.run.requeue import Requeued, SlurmRequeue
 from deit_train.run.resume import check_checkpoint_fits, check_same_experiment, resume_checkpoint
 from deit_train.run.trained_model import StoreRunConfig
 
@@ -74,6 +75,7 @@ def train(cfg: DictConfig) -> dict:
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
+    callbacks.append(SlurmRequeue())  # Slurm's warning signal: one checkpoint where all ranks agree, requeue, stop
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
         callbacks.append(cache)
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
@@ -81,7 +83,11 @@ def train(cfg: DictConfig) -> dict:
     check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()])
-    trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_checkpoint(trainer, cfg.get("ckpt_path")))
+    except Requeued as requeued:  # Slurm's warning signal: saved; requeue now that the trainer has torn down
+        requeued.requeue(output_dir)
+        raise
 
     results: dict = {"run_dir": str(output_dir)}
     results.update(last_epoch_metrics(trainer.callback_metrics))  # incl. the val disagreement table (Tab. 4)

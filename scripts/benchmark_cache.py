@@ -17,32 +17,22 @@ losses are checked against the writing run's.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import timm
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-
+from cli_runs import last_epoch_throughput, metrics_rows, random_teacher_file, run_cli
 
 def run(name: str, args: list[str], workdir: Path) -> dict:
     run_dir = workdir / name
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "DEIT_TRAIN_CACHE": str(workdir / "home_cache")}
-    proc = subprocess.run([sys.executable, "-m", "deit_train", *args, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
+    proc = run_cli(args, run_dir, env={"DEIT_TRAIN_CACHE": str(workdir / "home_cache")})
     if proc.returncode != 0:
         sys.exit(f"{name} run failed:\n{proc.stderr[-3000:]}")
-    with open(run_dir / "csv" / "metrics.csv", newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    throughput = [float(r["train/throughput"]) for r in rows if r.get("train/throughput")]
-    losses = [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]
-    return {"img_s": throughput[-1], "losses": losses}
+    losses = [float(r["train/loss_step"]) for r in metrics_rows(run_dir) if r.get("train/loss_step")]
+    return {"img_s": last_epoch_throughput(run_dir), "losses": losses}
 
 
 def main() -> None:
@@ -58,9 +48,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        teacher_file = workdir / f"{args.teacher}.pth"
-        torch.manual_seed(0)
-        torch.save(timm.create_model(args.teacher, num_classes=1000).state_dict(), teacher_file)
+        teacher_file = random_teacher_file(workdir / f"{args.teacher}.pth", args.teacher)
         common = ["trainer=cpu", "data=fake", f"model.image_size={args.image_size}",
                   f"data.batch_size={args.batch_size}",
                   f"data.num_train={args.steps * args.batch_size}", f"data.num_workers={args.num_workers}",

@@ -19,12 +19,8 @@ to a step; a ratio of 0.50 needs a teacher no slower than the plain step, i.e. t
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +28,8 @@ from pathlib import Path
 import timm
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from cli_runs import last_epoch_throughput, random_teacher_file, run_cli
 
 
 @dataclass
@@ -56,16 +54,13 @@ def rows(precisions: list[str], compile_precision: str | None) -> list[Row]:
 
 def run(row: Row, common: list[str], teacher_file: Path, run_dir: Path) -> float:
     """img/s of the row's last epoch, through the CLI."""
-    args = [*row.overrides, *common, f"hydra.run.dir={run_dir}"]
+    args = [*row.overrides, *common]
     if row.distilled:
         args.append(f"teacher.checkpoint={teacher_file}")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "deit_train", *args], env=env, capture_output=True, text=True)
+    proc = run_cli(args, run_dir)
     if proc.returncode != 0:
         raise SystemExit(f"{row.name} failed:\n{proc.stderr[-3000:]}")
-    with open(run_dir / "csv" / "metrics.csv") as handle:
-        epochs = [r for r in csv.DictReader(handle) if r.get("train/throughput")]
-    return float(epochs[-1]["train/throughput"])
+    return last_epoch_throughput(run_dir)
 
 
 def teacher_flops(batch_size: int, image_size: int) -> int:
@@ -117,9 +112,7 @@ def main() -> None:
     if args.student_precision:
         common.append(f"trainer.precision={args.student_precision}")
     with tempfile.TemporaryDirectory() as tmp:  # the teacher loads from a local file, as in a real run
-        teacher_file = Path(tmp) / "regnety_160.pth"
-        torch.manual_seed(0)
-        torch.save(timm.create_model("regnety_160").state_dict(), teacher_file)
+        teacher_file = random_teacher_file(Path(tmp) / "regnety_160.pth")
         table = rows(args.precisions.split(","), args.compile_precision or None)
         # rounds over all rows rather than one row at a time: a load change on the machine hits every row alike
         measured: dict[str, list[float]] = {row.name: [] for row in table}

@@ -174,3 +174,38 @@ def slurm_cluster(tmp_path_factory):
         yield env
     finally:
         subprocess.run([script, "stop", str(state)], env=env, capture_output=True, timeout=120)
+
+
+# The sizes of FAST_DIGITS' student: a DeiT small enough to train in seconds on the 16 px digits.
+DIGITS_DEIT = dict(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+
+
+@pytest.fixture(scope="session")
+def digits_deit():
+    """A distilled DeiT of DIGITS_DEIT's sizes trained in-process on the digits' training split (both heads on the
+    labels, no augmentation, data.mean/std 0.5 as configs/data/digits.yaml), in eval mode: a network whose
+    accuracy is well above chance, for tests that check a number survives a file format."""
+    from torch.nn import functional as F
+    from torch.utils.data import DataLoader
+
+    from deit_train.data import DigitsDataModule
+    from deit_train.models import create_deit, forward_heads
+
+    torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a model this small trains ten times slower on a busy machine's two threads
+    model = create_deit(**DIGITS_DEIT, num_classes=10, distilled=True, drop_path_rate=0.0)
+    data = DigitsDataModule(image_size=DIGITS_DEIT["image_size"], augment=False)
+    data.setup("fit")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loader = DataLoader(data.train_set, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    model.train()
+    for _ in range(12):
+        for images, target in loader:
+            cls, dist = forward_heads(model, images)
+            loss = F.cross_entropy(cls, target) + F.cross_entropy(dist, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    torch.set_num_threads(threads)
+    return model.eval()

@@ -61,9 +61,10 @@ def test_hooks_capture_depth_plus_one_points_equal_to_a_manual_forward(tmp_path)
 
     weights = F.cosine_similarity(student.head.weight.flatten(), student.head_dist.weight.flatten(), dim=0)
     assert logged["diag/head_weight_cos"] == pytest.approx(weights.item()) == pytest.approx(head_weight_cosine(student))
-    # hooks are gone after the epoch: a later forward changes nothing
+    # the hooks record nothing after the epoch (a later forward changes nothing) and are gone at teardown
     student.forward_features(batches[0])
     assert callback.run_results()["cls_dist_cosine"] == pytest.approx(expected.tolist(), abs=1e-5)
+    callback.teardown(SimpleNamespace(), SimpleNamespace(), "fit")
     assert not student.blocks[0]._forward_pre_hooks and not student.norm._forward_hooks
 
     callback.on_fit_end(SimpleNamespace(), SimpleNamespace())

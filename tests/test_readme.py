@@ -1,6 +1,6 @@
-"""Every shell command in README.md, checked the way a user types it, from a fresh working directory.
+"""Every shell command in README.md and docs/*.md, checked the way a user types it, from a fresh working directory.
 
-Each command is listed in CHECKS with how it is checked; a command added to the README without an entry here
+Each command is listed in CHECKS with how it is checked; a command added to the README or the docs without an entry here
 fails ``test_every_readme_command_is_checked``:
 
 - ``run``: run as typed, with tiny overrides where it trains (``test_readme_quickstart_then_compare_export_predict``);
@@ -30,12 +30,15 @@ from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train import benchmark as benchmark_cli
 from deit_train import export as export_cli
 from deit_train import predict as predict_cli
+from deit_train.pack import compose_pack_config
 from deit_train.run.cli import parse_args, run_main
 from deit_train.compare.cli import main as compare_runs
 from deit_train.run.config import CONFIG_DIR
 from deit_train.train import main as train_main
 
 README = ROOT / "README.md"
+# the README is the guide; the details live in docs/ (their commands are checked alike)
+DOCUMENTS = [README, *sorted((ROOT / "docs").glob("*.md"))]
 CHECKS: dict[str, tuple[str, str]] = {
     'pip install -e ".[dev]" && scripts/install_slurm.sh': ("not run", "installs packages"),
     "python3 -m venv .venv && . .venv/bin/activate": ("not run", "creates the environment the tests run in"),
@@ -44,6 +47,10 @@ CHECKS: dict[str, tuple[str, str]] = {
     'pip install -e ".[hf]"': ("not run", "installs transformers"),
     "pytest": ("not run", "this test suite"),
     "python -m deit_train experiment=quickstart": ("run", ""),
+    "python -m deit_train experiment=quickstart ckpt_path=outputs/quickstart/<date_time>/checkpoints/last.ckpt":
+        ("elsewhere", "test_resume_guards.py::test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule"),
+    "python scripts/compare_runs.py multirun/tab3_token --baseline distill=none --out tab3.png":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
     "python -m deit_train": ("run", ""),
     "python scripts/compare_runs.py outputs/quickstart": ("run", ""),
     "python -m deit_train.export ckpt=<run>/checkpoints/last.ckpt format=hf out=hf_model": ("run", ""),
@@ -102,11 +109,25 @@ CHECKS: dict[str, tuple[str, str]] = {
     'multirun/efficiency_0.25 --group-by data.train_fraction,distill.distill_type --baseline '
     'distill.distill_type=none':
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
-    "python -m deit_train.eval ckpt=<run>/checkpoints/<name>.ckpt [split=test|val] [data.root=...] [out=metrics.json]":
-        ("elsewhere", "test_resume_guards.py::test_eval_reproduces_the_runs_own_test_metrics"),
+    "python -m deit_train.eval ckpt=<file or directory> data=imagefolder data.root=/path/to/imagenet model=deit_small "
+    "split=val out=metrics.json": ("elsewhere", "test_eval_formats.py::test_cli_writes_metrics_and_confusion_matrix"),
+    "python scripts/eval_paper_table5.py --imagenet /path/to/imagenet --weights /path/to/official_deit_files":
+        ("elsewhere", "test_eval_formats.py::test_table5_script_runs_eval_on_each_official_file_and_compares"),
     "python -m deit_train.teacher_cache experiment=<name> teacher.cache_dir=<dir> [overrides]":
         ("elsewhere", "test_logit_cache.py::test_teacher_only_pass_cli"),
     "python scripts/benchmark_data.py": ("elsewhere", "test_benchmark.py"),
+    "python -m deit_train.pack data=imagefolder data.root=/data/imagenet out=/nvme/imagenet-pack":
+        ("options", "ImageNet: tests/test_shards.py packs small folders"),
+    "python -m deit_train.pack data=hf data.path=/data/imagenet-hf out=/nvme/imagenet-pack":
+        ("options", "a saved data set: tests/test_shards.py packs a small one"),
+    "python -m deit_train experiment=deit_small_distill data=shards data.root=/nvme/imagenet-pack":
+        ("compose", "a pack of ImageNet"),
+    "python scripts/benchmark_pack.py --num-images 1000": ("not run", "a timed benchmark (minutes here)"),
+    "scancel --signal=USR1 <job id>":
+        ("elsewhere", "test_slurm_requeue_signal.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
+    "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
+    "python scripts/gpu_smoke.py --rows distill,compiled --keep smoke_runs":
+        ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
 }
 
 # Console lines that count as warnings: Python's `file.py:123: ...` form, anything saying warn(ing) or
@@ -132,10 +153,14 @@ def readme_commands(text: str) -> list[str]:
     return commands
 
 
+def documented_commands() -> set[str]:
+    return {command for document in DOCUMENTS for command in readme_commands(document.read_text())}
+
+
 def test_every_readme_command_is_checked():
-    commands = readme_commands(README.read_text())
+    commands = documented_commands()
     assert set(commands) == set(CHECKS), {"unchecked": sorted(set(commands) - set(CHECKS)),
-                                          "no longer in the README": sorted(set(CHECKS) - set(commands))}
+                                          "no longer in the README or docs": sorted(set(CHECKS) - set(commands))}
     for command, (kind, where) in CHECKS.items():
         if kind == "elsewhere":  # the named test exists
             file, _, name = where.partition("::")
@@ -163,6 +188,9 @@ def test_readme_command_composes(command, tmp_path):
 @pytest.mark.parametrize("command", [c for c, (kind, _) in CHECKS.items() if kind == "options"])
 def test_readme_tool_options_parse(command):
     words = shlex.split(command)
+    if words[2] == "deit_train.pack":  # a Hydra-composed command: its options compose (an unknown one raises)
+        assert compose_pack_config(words[3:]).out == dict(w.split("=", 1) for w in words[3:])["out"]
+        return
     tool = {"deit_train.benchmark": benchmark_cli}[words[2]]
     parse_args(tool.DEFAULTS, words[3:], tool.USAGE)
 
@@ -220,3 +248,12 @@ def test_readme_quickstart_then_compare_export_predict(tmp_path, digits_teacher_
     assert (work / "predictions" / "predictions.json").is_file()
     assert sorted(p.name for p in (work / "predictions").glob("*_attention.png")) == ["0_attention.png",
                                                                                      "1_attention.png"]
+
+
+def test_readme_is_a_guide_whose_links_resolve():
+    """The README stays short (details belong in docs/), and every local link in it and in docs/ points to a file."""
+    assert len(README.read_text().splitlines()) <= 150
+    for document in DOCUMENTS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", document.read_text()):
+            if not re.match(r"[a-z]+://", target):
+                assert (document.parent / target).exists(), (document.name, target)

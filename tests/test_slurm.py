@@ -56,8 +56,7 @@ def test_only_rank_zero_writes_hydra_files_under_srun():
     assert rank_overrides({}) == []  # not under Slurm
     assert rank_overrides({"SLURM_PROCID": "0", "SLURM_NTASKS": "4"}) == []
     assert rank_overrides({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}) == []  # sbatch script itself
-    assert rank_overrides({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == ["hydra.output_subdir=null",
-                                                                          "hydra/job_logging=stdout"]
+    assert rank_overrides({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == ["hydra/job_logging=stdout"]
 
 
 # ---- the local cluster (conftest.slurm_cluster: started once per test session) ------------------------------

@@ -8,7 +8,8 @@ from deit_train.data.imagefolder import ImageFolderDataModule
 from deit_train.data.processor import DeiTImageProcessor
 from deit_train.data.recipes import AugmentRecipe, build_mixup
 from deit_train.data.samplers import RepeatedAugSampler
+from deit_train.data.shards import ShardsDataModule
 
 __all__ = ["AugmentRecipe", "AugmentedDataModule", "CifarDataModule", "DeiTImageProcessor", "DigitsDataModule",
            "FakeDataModule", "HFDataModule", "ImageDataModule", "ImageFolderDataModule", "RepeatedAugSampler",
-           "build_mixup"]
+           "ShardsDataModule", "build_mixup"]

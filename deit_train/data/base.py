@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from deit_train.data.stream import SeededDataset, SeededSampler
+from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 
 
@@ -55,7 +55,8 @@ class ImageDataModule(L.LightningDataModule):
         return Subset(dataset, balanced_subset(labels(), self.train_fraction, self.split_seed).tolist())
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
-        return DataLoader(
+        loader = StreamLoader if isinstance(sampler, SeededSampler) else DataLoader  # the stream resumes mid-epoch
+        return loader(
             dataset,
             batch_size=self.batch_size,
             shuffle=train and sampler is None,
@@ -79,7 +80,7 @@ class ImageDataModule(L.LightningDataModule):
         :mod:`deit_train.data.stream` (also used by the teacher-only pass, which walks every rank's share)."""
         sampler = SeededSampler(self.train_set, num_replicas, rank, seed=self.seed,
                                 order=self.train_order(num_replicas, rank))
-        return self._loader(SeededDataset(self.train_set), train=True, sampler=sampler)
+        return self._loader(SeededDataset(self.train_set, self.seed), train=True, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())

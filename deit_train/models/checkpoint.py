@@ -82,6 +82,29 @@ def _fit_pos_embed(source: Tensor, model: nn.Module, source_prefix: int) -> Tens
     return torch.cat([prefix[:, :target_prefix], patches], dim=1)
 
 
+def check_shapes(state: dict[str, Tensor], target: dict[str, Tensor], source: str,
+                 hint: str = "check model.hidden_size/patch_size/mlp_ratio") -> None:
+    """One line naming ``source`` (``<option>=<path>``) when weights of the same name differ in shape."""
+    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
+                  if k in target and v.shape != target[k].shape]
+    if mismatched:
+        raise ConfigError(f"{source} has other shapes than the model: {mismatched[:4]}"
+                          f"{'...' if len(mismatched) > 4 else ''}; {hint}")
+
+
+def load_exact(model: nn.Module, state: dict[str, Tensor], source: str, hint: str,
+               may_lack: tuple[str, ...] = ()) -> None:
+    """Load every weight of ``model`` from ``state`` as it is (no resampling, no new heads): for evaluating a
+    file, where a weight made up here would change what is measured. Only keys starting with ``may_lack`` may be
+    absent (the caller then does not use them)."""
+    check_shapes(state, model.state_dict(), source, hint)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(may_lack)] if may_lack else missing
+    if missing or unexpected:
+        raise ConfigError(f"{source} does not fit the model: missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
+                          f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}; {hint}")
+
+
 def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple[str, ...] = ()) -> None:
     """Start ``model`` from ``path``: every backbone weight must be there; only the classifier heads
     (when the class count differs or the source has no such head) and the distillation token may be new.
@@ -100,11 +123,7 @@ def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple
         dropped += [k for k in state if k.startswith("norm.")]  # pooling and starts new, as SimMIM fine-tunes
     for key in dropped:
         del state[key]
-    mismatched = [f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}" for k, v in state.items()
-                  if k in target and v.shape != target[k].shape]
-    if mismatched:
-        raise ConfigError(f"model.init_from={path} has other shapes than the model: {mismatched[:4]}"
-                          f"{'...' if len(mismatched) > 4 else ''}; check model.hidden_size/patch_size/mlp_ratio")
+    check_shapes(state, target, f"model.init_from={path}")
     missing, unexpected = model.load_state_dict(state, strict=False)
     new = [k for k in missing if k.startswith(_NEWLY_INITIALISED)]
     missing = [k for k in missing if not k.startswith(_NEWLY_INITIALISED)]

@@ -24,6 +24,15 @@ from deit_train.modules.metrics import EvalMetrics
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
 
 
+_EMA_PREFIX = "ema."  # the EMA's keys in a checkpoint's state dict, beside ``student.``
+
+
+def _frozen_ema(student: nn.Module, decay: float) -> ModelEmaV3:
+    ema = ModelEmaV3(student, decay=decay)
+    ema.requires_grad_(False)  # the deepcopy keeps requires_grad; nothing back-propagates into the average
+    return ema
+
+
 class ClassificationModule(RecipeTrainedModule):
     """Trains ``student`` with ``criterion``; ``teacher`` (frozen) only when the criterion distils.
 
@@ -57,7 +66,10 @@ class ClassificationModule(RecipeTrainedModule):
         self.criterion = criterion
         self.optim = optim
         self.mixup = mixup
-        self.ema = ModelEmaV3(student, decay=ema_decay) if ema_decay else None
+        # The EMA copy is not a registered submodule either (timm's train.py keeps it outside DDP): wrapped with the
+        # student, its parameters would be gradients DDP waits for and never gets. It is frozen, placed on the
+        # device in setup, and stored in / restored from the checkpoint's state dict as ``ema.*`` by the hooks below.
+        object.__setattr__(self, "ema", _frozen_ema(student, ema_decay) if ema_decay else None)
         num_classes = student.num_classes
         self.metrics = nn.ModuleDict({
             stage: EvalMetrics(stage, num_classes, is_distilled(student), self.teacher is not None)
@@ -83,6 +95,9 @@ class ClassificationModule(RecipeTrainedModule):
                               f"{student.num_classes}: use a teacher trained on this data set (teacher.checkpoint=...)")
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.ema is not None:
+            self.ema.to(self.trainer.strategy.root_device)
         if self.teacher is not None:  # fail before training on a precision the device lacks or other classes
             self.teacher.prepare(self.trainer.strategy.root_device)
             self.teacher.match_classes(getattr(self.trainer.datamodule, "classes", None))
@@ -90,6 +105,22 @@ class ClassificationModule(RecipeTrainedModule):
     def forward(self, images: Tensor) -> Tensor:
         """The prediction: class logits, averaged with the distillation head when there is one."""
         return average_heads(*self.forward_heads(self.student, images))
+
+    # ---- the EMA copy in checkpoints --------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.ema is not None:
+            checkpoint["state_dict"].update({f"{_EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()})
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restores the EMA (and takes its keys out of the state dict the student loads strictly from). A checkpoint
+        of a run without EMA starts the EMA at its student's weights, as timm's EMA starts at the loaded model."""
+        state = checkpoint["state_dict"]
+        ema_state = {k[len(_EMA_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_EMA_PREFIX)]}
+        if self.ema is None:
+            return
+        if not ema_state:
+            ema_state = {f"module.{k[len('student.'):]}": v for k, v in state.items() if k.startswith("student.")}
+        self.ema.load_state_dict(ema_state)
 
     # ---- training -------------------------------------------------------------------------------
     def on_train_batch_start(self, batch, batch_idx: int) -> None:

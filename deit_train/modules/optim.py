@@ -11,6 +11,7 @@ import logging
 from dataclasses import dataclass
 
 import lightning as L
+from lightning.pytorch.plugins.precision import MixedPrecision
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
 from torch import nn
@@ -30,22 +31,49 @@ def vit_layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def layer_decay_param_groups(model: nn.Module, weight_decay: float, layer_decay: float) -> list[dict]:
-    """Parameter groups with ``lr_scale = layer_decay ** (depth + 1 - layer id)`` and the model's weight-decay
-    exemptions (1-d parameters and ``no_weight_decay()``), as timm's ``param_groups_layer_decay`` builds them."""
-    depth = len(model.blocks)
+def unwrapped_name(name: str) -> str:
+    """A parameter's name in the plain network: without the wrapper segments FSDP (and its activation
+    checkpointing) insert, as torch's ``clean_tensor_name`` strips them."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def parameter_ndims(model: nn.Module) -> dict[str, int]:
+    """Each parameter's number of dimensions by name, read before a strategy wraps the model: FSDP with
+    ``use_orig_params`` turns every parameter into a 1-d shard before Lightning calls ``configure_optimizers``."""
+    return {unwrapped_name(name): param.ndim for name, param in model.named_parameters()}
+
+
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float | None = None,
+                 ndims: dict[str, int] | None = None) -> list[dict]:
+    """timm's parameter groups, decided by name: no weight decay on 1-d parameters (norms, biases) and on the
+    model's ``no_weight_decay()``; with ``layer_decay``, ``lr_scale = layer_decay ** (depth + 1 - layer id)``
+    per :func:`vit_layer_id` (timm's ``param_groups_layer_decay``). Without it the groups are timm's
+    ``param_groups_weight_decay`` (no-decay group first). ``ndims``: the dimensions recorded before wrapping
+    (:func:`parameter_ndims`); without them the parameters' current shapes are read."""
+    depth = len(model.blocks) if layer_decay is not None else 0
     skip = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     groups: dict[tuple[int, bool], dict] = {}
-    for name, param in model.named_parameters():
+    if layer_decay is None:  # timm's order: the exempt group, then the decayed one
+        groups = {(0, False): {"params": [], "weight_decay": 0.0}, (0, True): {"params": [], "weight_decay": weight_decay}}
+    for raw_name, param in model.named_parameters():
         if not param.requires_grad:
             continue
+        name = unwrapped_name(raw_name)
+        ndim = ndims.get(name, param.ndim) if ndims is not None else param.ndim
+        decayed = ndim > 1 and not name.endswith(".bias") and name not in skip
+        if layer_decay is None:
+            groups[(0, decayed and bool(weight_decay))]["params"].append(param)
+            continue
         layer = vit_layer_id(name, depth)
-        decayed = param.ndim > 1 and name not in skip
         group = groups.setdefault((layer, decayed), {
             "params": [], "weight_decay": weight_decay if decayed else 0.0,
             "lr_scale": layer_decay ** (depth + 1 - layer)})
         group["params"].append(param)
-    return list(groups.values())
+    return [group for group in groups.values() if group["params"]]
+
+
+def parameters_on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).device.type == "cuda"
 
 
 class RecipeCosineScheduler(CosineLRScheduler):
@@ -103,24 +131,29 @@ class OptimRecipe:
                     f"global batch {global_batch} / optim.reference_batch={self.reference_batch}), so the schedule "
                     f"would rise: lower optim.{option} or raise optim.base_lr or the batch size")
 
-    def kernel_options(self, model: nn.Module) -> dict:
-        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math."""
+    def kernel_options(self, model: nn.Module, clipped_under_amp: bool = False) -> dict:
+        """torch's AdamW/Adam step: one fused kernel on CUDA, multi-tensor (foreach) elsewhere; same math.
+
+        ``clipped_under_amp``: gradients are clipped under a mixed-precision plugin (``16-mixed``/``bf16-mixed``
+        with ``trainer.gradient_clip_val``). Lightning refuses to clip for an optimizer that unscales inside its
+        step, as the fused one does, so that case takes foreach on CUDA too."""
         if self.name.lower() not in ("adamw", "adam"):
             return {}
-        on_cuda = next(model.parameters()).device.type == "cuda"
-        return {"fused": True} if on_cuda else {"foreach": True}
+        return {"fused": True} if parameters_on_cuda(model) and not clipped_under_amp else {"foreach": True}
 
-    def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int):
+    def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int,
+              ndims: dict[str, int] | None = None, clipped_under_amp: bool = False):
+        """``ndims``: the parameters' dimensions recorded before a strategy wrapped ``model``
+        (:func:`parameter_ndims`), which decide the weight-decay groups; ``clipped_under_amp``: see
+        :meth:`kernel_options`."""
         self.check(global_batch)
-        params = model
-        if self.layer_decay is not None:
-            if not hasattr(model, "blocks"):
-                raise ConfigError(f"optim.layer_decay={self.layer_decay} needs a ViT/DeiT (blocks.<k>), got "
-                                  f"{type(model).__name__}: set optim.layer_decay=null")
-            params = layer_decay_param_groups(model, self.weight_decay, self.layer_decay)
+        if self.layer_decay is not None and not hasattr(model, "blocks"):
+            raise ConfigError(f"optim.layer_decay={self.layer_decay} needs a ViT/DeiT (blocks.<k>), got "
+                              f"{type(model).__name__}: set optim.layer_decay=null")
+        params = param_groups(model, self.weight_decay, self.layer_decay, ndims)
         optimizer = create_optimizer_v2(
             params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model),
+            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model, clipped_under_amp),
         )
         warmup_lr, min_lr = self.bounds(global_batch)
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))
@@ -155,10 +188,19 @@ class RecipeTrainedModule(L.LightningModule):
         steps_per_epoch = max(total_steps // max(self.trainer.max_epochs or 1, 1), 1)
         global_batch = self.global_batch_size()
         optimizer, scheduler = self.optim.build(getattr(self, self.optimized_attr), global_batch, total_steps,
-                                                steps_per_epoch)
+                                                steps_per_epoch, ndims=getattr(self, "_parameter_ndims", None),
+                                                clipped_under_amp=self.clips_under_amp())
         self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
                                  "optim/total_steps": total_steps}
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def clips_under_amp(self) -> bool:
+        """Whether Lightning clips gradients through a mixed-precision plugin (fp16 with its GradScaler, bf16)."""
+        return bool(self.trainer.gradient_clip_val) and isinstance(self.trainer.precision_plugin, MixedPrecision)
+
+    def setup(self, stage: str) -> None:
+        # Lightning calls setup before the strategy wraps the module and configure_optimizers after
+        self._parameter_ndims = parameter_ndims(getattr(self, self.optimized_attr))
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         scheduler.step_update(num_updates=self.global_step)

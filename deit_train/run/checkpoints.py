@@ -1,30 +1,42 @@
-"""Checkpoint writes that never leave a half-written file where a good one was."""
+"""Checkpoint (and run record) writes that never leave a half-written file where a good one was."""
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over ``path``.
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """``write`` into a temporary file beside ``path``, fsync, then rename over ``path``.
 
-    A crash or full disk mid-write leaves the previous file intact (rename is atomic on POSIX).
+    A crash or full disk mid-write leaves the previous file (or none) intact, and a reader never sees a partial
+    file (rename is atomic on POSIX).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """A text file (UTF-8) through :func:`atomic_write`."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -53,27 +53,50 @@ class TokenDiagnostics(Callback):
         self._handles: list = []
         self._sums: Tensor | None = None
         self._count: Tensor | None = None
+        self._recording = False
 
     @staticmethod
     def _student(pl_module: L.LightningModule) -> nn.Module | None:
         student = getattr(pl_module, "student", None)
         return student if student is not None and is_distilled(student) else None
 
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Before the first forward: torch.compile traces the hooks present when it compiles and does not guard on
+        # hooks added later (a compiled student would skip them). They record only in validation epochs.
+        student = self._student(pl_module)
+        if student is not None:
+            self._attach(student)
+
+    def _attach(self, student: nn.Module) -> None:
+        if self._handles:
+            return
+        for index, (module, where) in enumerate(depth_points(student)):
+            if where == "input":
+                hook = module.register_forward_pre_hook(lambda m, args, i=index: self._record(i, args[0]))
+            else:
+                hook = module.register_forward_hook(lambda m, args, out, i=index: self._record(i, out))
+            self._handles.append(hook)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         student = self._student(pl_module)
         if student is None or trainer.sanity_checking:
             return
-        points = depth_points(student)
+        self._attach(student)
         dtype = torch.float32 if pl_module.device.type == "mps" else torch.float64  # MPS has no float64
-        self._sums = torch.zeros(len(points), dtype=dtype, device=pl_module.device)
+        self._sums = torch.zeros(len(self._handles), dtype=dtype, device=pl_module.device)
         self._count = torch.zeros((), dtype=dtype, device=pl_module.device)
-        for index, (module, where) in enumerate(points):
-            if where == "input":
-                hook = module.register_forward_pre_hook(lambda m, args, i=index: self._add(i, args[0]))
-            else:
-                hook = module.register_forward_hook(lambda m, args, out, i=index: self._add(i, out))
-            self._handles.append(hook)
+        self._recording = True
 
+    def _record(self, index: int, tokens: Tensor) -> None:
+        if self._recording:  # a constant to a compiled graph: training and sanity-check graphs stay hook-free
+            self._add(index, tokens)
+
+    @torch.compiler.disable  # runs eagerly (a graph break in the recording validation graph only)
     def _add(self, index: int, tokens: Tensor) -> None:
         cosine = token_cosine(tokens.detach())
         self._sums[index] += cosine.sum().to(self._sums.dtype)
@@ -81,14 +104,12 @@ class TokenDiagnostics(Callback):
             self._count += cosine.numel()
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if not self._handles:
+        if not self._recording:
             return
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._recording = False
         sums = trainer.strategy.reduce(self._sums, reduce_op="sum")
         count = trainer.strategy.reduce(self._count, reduce_op="sum")
-        if count.item() == 0:  # e.g. a compiled student whose graph skips hooks added after compilation
+        if count.item() == 0:  # e.g. limit_val_batches=0
             log.info("token diagnostics: no validation forward reached the student's blocks; nothing logged")
             return
         cosine = (sums / count).tolist()

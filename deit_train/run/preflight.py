@@ -27,6 +27,7 @@ def _is_number(value) -> bool:
 def check_options(cfg: DictConfig) -> None:
     """Counts, and numbers typed as text on the command line (inside a Hydra run)."""
     check_counts(cfg)
+    check_fsdp_combinations(cfg)
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -47,6 +48,33 @@ def check_counts(cfg: DictConfig) -> None:
             raise ConfigError(f"{option}={value!r} is not a whole number: pass an integer >= {minimum}")
         if value < minimum:
             raise ConfigError(f"{option}={value} must be at least {minimum}: pass an integer >= {minimum}")
+
+
+def uses_fsdp(cfg: DictConfig) -> bool:
+    """``strategy=fsdp`` (Lightning's FSDPStrategy, as a config or by its registered names ``fsdp*``)."""
+    strategy = OmegaConf.select(cfg, "trainer.strategy", default=None)
+    if isinstance(strategy, str):
+        return strategy.startswith("fsdp")
+    return isinstance(strategy, DictConfig) and str(strategy.get("_target_", "")).endswith("FSDPStrategy")
+
+
+def check_fsdp_combinations(cfg: DictConfig) -> None:
+    """What FSDP cannot do here, refused before anything trains instead of running wrong."""
+    if not uses_fsdp(cfg):
+        return
+    ema = OmegaConf.select(cfg, "module.ema_decay", default=None)
+    if ema:  # the EMA would average this rank's 1-d parameter shards against a full copy
+        raise ConfigError(f"module.ema_decay={ema} does not work with strategy=fsdp (the student's parameters are "
+                          "shards): use strategy=ddp, or module.ema_decay=null")
+    clip = OmegaConf.select(cfg, "trainer.gradient_clip_val", default=None)
+    if clip:  # its norm must be reduced over the shards; Lightning's FSDP precision plugin refuses instead
+        raise ConfigError(f"trainer.gradient_clip_val={clip} does not work with strategy=fsdp (Lightning's FSDP "
+                          "precision plugin cannot clip): use strategy=ddp, or trainer.gradient_clip_val=null")
+    distilled = OmegaConf.select(cfg, "model.distilled", default=False, throw_on_resolution_failure=False)
+    if OmegaConf.select(cfg, "callbacks.token_diagnostics", default=None) is not None and distilled is True:
+        # the class and distillation heads' weights are 1-d shards of different sizes under FULL_SHARD
+        raise ConfigError("callbacks.token_diagnostics does not work with strategy=fsdp (the heads' weights are "
+                          "sharded): use strategy=ddp, or drop it with ~callbacks.token_diagnostics")
 
 
 def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: DictConfig) -> None:

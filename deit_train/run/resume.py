@@ -22,6 +22,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from deit_train.errors import ConfigError
+from deit_train.run.checkpoints import atomic_write_text
+from deit_train.run.launch import is_global_zero
 from deit_train.run.preflight import load_checkpoint_file
 from deit_train.run.trained_model import CHECKPOINT_KEY
 
@@ -84,9 +86,12 @@ def _differences(stored: dict, asked: dict, limit: int = 6) -> str:
 
 def check_same_experiment(cfg: DictConfig, run_dir: str | Path) -> None:
     """Refuse to continue a run directory whose stored config trains something else (the stored config is the
-    run's record and is never rewritten: see :class:`KeepStoredRunConfig`)."""
+    run's record and is never rewritten: see :class:`KeepStoredRunConfig`).
+
+    Only global rank 0 decides: the other processes of a multi-task start (srun, submitit) may look while rank 0
+    writes the record, and rank 0's refusal stops them (``srun --kill-on-bad-exit``, or the DDP rendezvous)."""
     stored_path = stored_config_path(run_dir)
-    if not stored_path.is_file():
+    if not is_global_zero() or not stored_path.is_file():
         return
     diff = _differences(_trained(OmegaConf.load(stored_path)), _trained(cfg))
     if diff:
@@ -114,12 +119,15 @@ def check_checkpoint_fits(ckpt_path: str | Path, cfg: DictConfig) -> None:
 
 
 class KeepStoredRunConfig(Callback):
-    """Hydra callback: a run directory's stored ``.hydra/config.yaml`` is its record and is never overwritten.
+    """Hydra callback: a run directory's stored ``.hydra/config.yaml`` is its record, written once and never
+    overwritten.
 
     - ``ckpt_path=<run>/checkpoints/<name>.ckpt`` without ``hydra.run.dir`` continues in ``<run>`` (its CSV,
       curves and ``results.json`` continue), as a requeued job does;
-    - when the run directory already holds a stored config, Hydra does not write its own (``output_subdir``
-      null); :func:`check_same_experiment` then compares the two before anything trains.
+    - Hydra's own writer is off (``hydra.output_subdir: null``): it writes in place, in every process of a
+      multi-task launch. Here global rank 0 alone writes ``config.yaml``, ``hydra.yaml`` and ``overrides.yaml``
+      atomically, when the run directory has no record yet; :func:`check_same_experiment` then compares a stored
+      record with the asked config before anything trains.
     """
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
@@ -130,5 +138,14 @@ class KeepStoredRunConfig(Callback):
                 run_dir = run_dir_of(ckpt_path)
                 if run_dir is not None:
                     config.hydra.run.dir = str(run_dir)
-            if stored_config_path(config.hydra.run.dir).is_file():
-                config.hydra.output_subdir = None
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        run_dir = config.hydra.runtime.output_dir
+        if not is_global_zero() or stored_config_path(run_dir).is_file():
+            return
+        record = stored_config_path(run_dir).parent
+        task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
+        # what Hydra's own writer writes; config.yaml last, so that its presence means a complete record
+        atomic_write_text(record / "hydra.yaml", OmegaConf.to_yaml(OmegaConf.masked_copy(config, ["hydra"])))
+        atomic_write_text(record / "overrides.yaml", OmegaConf.to_yaml(config.hydra.overrides.task))
+        atomic_write_text(record / "config.yaml", OmegaConf.to_yaml(task))

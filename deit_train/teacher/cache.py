@@ -88,7 +88,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 def source_identity(datamodule) -> str:
     """What the training images are, beyond the config: a hash of the file list (folders), of the arrays (digits,
-    CIFAR) or the HF dataset fingerprint; the config alone for synthetic data."""
+    CIFAR), the HF dataset fingerprint or a pack's content digest; the config alone for synthetic data."""
+    if getattr(datamodule, "content_digest", None):  # a pack: its images and labels, wherever it lies
+        return datamodule.content_digest
     dataset = datamodule.train_set
     while hasattr(dataset, "dataset") and not hasattr(dataset, "samples"):  # wrappers (SkipCorrupt)
         dataset = dataset.dataset
@@ -110,6 +112,8 @@ def run_fingerprint(cfg: DictConfig, datamodule, teacher: nn.Module, world_size:
                     dtype: str) -> dict:
     """Everything that decides the teacher's output at (epoch, rank, batch) -- and nothing about the student."""
     data = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in _LOADER_OPTIONS}
+    if getattr(datamodule, "content_digest", None):  # the digest says what the images are; a moved pack is the same
+        data.pop("root", None)
     augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") is not None else None
     return {
         "format": FORMAT_VERSION,
@@ -345,8 +349,8 @@ class TeacherLogitCache(Callback):
     def at_step(self, batch_idx: int) -> None:
         """The training batch of the epoch that the next call serves."""
         if not self._epoch_started and batch_idx != 0 and (self._reader is not None or self._writer is not None):
-            # restarted mid-epoch (Lightning's hpc_ckpt): its loader starts the epoch over while batch_idx goes on,
-            # so neither the stored batches nor a complete shard match; the teacher runs live until the epoch ends
+            # restarted mid-epoch (a requeue's hpc_ckpt): an epoch's shard is written and committed whole, and the
+            # killed attempt's part of it never was; the teacher runs live until the epoch ends
             log.info("teacher cache: epoch %d resumed at batch %d, the teacher runs live for the rest of it",
                      self._epoch, batch_idx)
             self.finish_epoch(commit=False)

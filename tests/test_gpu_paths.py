@@ -1,0 +1,187 @@
+"""The paths a first GPU run takes, exercised on CPU (issue 19): EMA under DDP (gloo), FSDP's flattened parameters,
+fp16 with gradient clipping where the recipe would pick a fused optimizer, compiled students with diagnostics."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from conftest import FAST_DIGITS, compose_config, run_cli
+
+
+def _checkpoint(run_dir, pattern: str) -> dict:
+    [path] = sorted((run_dir / "checkpoints").glob(pattern))
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_ema_is_kept_outside_the_wrapped_module_and_frozen(tmp_path):
+    """timm's train.py keeps the EMA outside DDP: a registered copy would be wrapped, and its parameters (which keep
+    requires_grad from the deepcopy) would be gradients DDP waits for and never gets."""
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null",
+                          "module.ema_decay=0.9"], tmp_path)
+    module = instantiate(cfg.module)
+    assert {name.split(".")[0] for name, _ in module.named_parameters()} == {"student"}
+    assert all(p.requires_grad for p in module.student.parameters())
+    assert not any(p.requires_grad for p in module.ema.module.parameters())
+
+
+def test_ema_under_two_process_ddp_trains_and_moves(tmp_path, digits_teacher_file):
+    """2 gloo processes, 2 epochs with an EMA: no "Expected to have finished reduction" at step 2, the EMA weights
+    of epoch 1 differ from epoch 0's and from the student's, and the checkpoints hold them (resume: test_stream)."""
+    args = ["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
+            *FAST_DIGITS, "trainer.max_epochs=2", "module.ema_decay=0.5", "strategy=ddp_cpu", "trainer.devices=2",
+            "callbacks.model_checkpoint.save_top_k=-1", "test=false"]
+    proc = run_cli(args, tmp_path / "ddp", tmp_path / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = _checkpoint(tmp_path / "ddp", "epoch000-*.ckpt"), _checkpoint(tmp_path / "ddp", "epoch001-*.ckpt")
+    ema_keys = [k for k in second if k.startswith("ema.module.")]
+    assert ema_keys and len(ema_keys) == len([k for k in second if k.startswith("student.")])
+    weight = "ema.module.blocks.0.attn.qkv.weight"
+    assert not torch.equal(first[weight], second[weight])  # the EMA moved during epoch 1
+    assert not torch.equal(second[weight], second["student.blocks.0.attn.qkv.weight"])  # and is not the student
+    with open(tmp_path / "ddp" / "csv" / "metrics.csv", newline="") as handle:
+        ema_top1 = [row["val_ema/top1"] for row in csv.DictReader(handle) if row.get("val_ema/top1")]
+    assert len(ema_top1) == 2
+
+
+# ---- FSDP: weight-decay groups from the shapes recorded before wrapping --------------------------------------------
+class _FSDPUnit(torch.nn.Module):
+    """What FSDP's auto-wrap does to a block's names: ``blocks.0._fsdp_wrapped_module.attn...``."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self._fsdp_wrapped_module = module
+
+
+def _shard_like_fsdp(model: torch.nn.Module) -> None:
+    """FSDP with use_orig_params as configure_optimizers sees it: each block its own unit, and every parameter a
+    1-d view of its rank's shard of the flat parameter (here: the whole parameter flattened)."""
+    for index, block in enumerate(list(model.blocks)):
+        model.blocks[index] = _FSDPUnit(block)
+    for module in model.modules():
+        for name, param in list(module.named_parameters(recurse=False)):
+            setattr(module, name, torch.nn.Parameter(param.detach().flatten()))
+
+
+def _decay_by_name(model, optimizer) -> dict[str, tuple[float, float]]:
+    names = {id(p): n.replace("_fsdp_wrapped_module.", "") for n, p in model.named_parameters()}
+    return {names[id(p)]: (g["weight_decay"], g.get("lr_scale", 1.0)) for g in optimizer.param_groups
+            for p in g["params"]}
+
+
+@pytest.mark.parametrize("layer_decay", [None, 0.65])
+def test_fsdp_flattened_parameters_keep_their_weight_decay_groups(tmp_path, layer_decay):
+    from deit_train.modules.optim import OptimRecipe
+
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null",
+                          f"optim.layer_decay={layer_decay if layer_decay else 'null'}"], tmp_path)
+    plain = instantiate(cfg.module)
+    expected = _decay_by_name(plain.student, OptimRecipe(layer_decay=layer_decay).build(plain.student, 512, 100, 10)[0])
+    assert expected["blocks.0.attn.qkv.weight"][0] == 0.05 and expected["blocks.0.norm1.weight"][0] == 0.0
+
+    module = instantiate(cfg.module)
+    module.setup("fit")  # Lightning: setup, then the strategy wraps, then configure_optimizers
+    _shard_like_fsdp(module.student)
+    assert all(p.ndim == 1 for p in module.student.parameters())
+    optimizer = module.optim.build(module.student, 512, 100, 10, ndims=module._parameter_ndims)[0]
+    assert _decay_by_name(module.student, optimizer) == expected
+
+
+# ---- fp16/bf16 with gradient clipping where the recipe picks the fused AdamW (CUDA) ---------------------------------
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_mixed_precision_with_clipping_trains_where_adamw_would_be_fused(tmp_path, monkeypatch, precision):
+    """On CUDA the recipe fuses AdamW; Lightning's mixed-precision plugin refuses to clip the gradients of an
+    optimizer that unscales in its step ("HINT: Are you using a 'fused' optimizer?"). The CUDA choice is faked on
+    CPU (torch's fused AdamW runs there too); fp16 gets its GradScaler as on CUDA."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    import deit_train.modules.optim as optim
+
+    monkeypatch.setattr(optim, "parameters_on_cuda", lambda model: True)
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, "distill=none", "~teacher", "teacher_recipe=null"],
+                         tmp_path)
+    module, data = instantiate(cfg.module), instantiate(cfg.data)
+    scaler = torch.amp.GradScaler("cpu") if precision == "16-mixed" else None
+    trainer = L.Trainer(accelerator="cpu", plugins=[MixedPrecision(precision, "cpu", scaler)], gradient_clip_val=1.0,
+                        max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert trainer.global_step == 2
+    defaults = trainer.optimizers[0].defaults
+    assert defaults["foreach"] is True and not defaults["fused"]
+    # without clipping the fused kernel stays the CUDA choice
+    assert optim.OptimRecipe().kernel_options(module.student, clipped_under_amp=False) == {"fused": True}
+
+
+# ---- FSDP combinations that would run wrong are refused before anything trains -------------------------------------
+DISTILL = ["experiment=deit_small_distill", "teacher.checkpoint=/t.pth"]
+
+
+@pytest.mark.parametrize("overrides, refused", [
+    ([*DISTILL, "module.ema_decay=0.99996"], "module.ema_decay=0.99996 does not work with "
+     "strategy=fsdp (the student's parameters are shards): use strategy=ddp, or module.ema_decay=null"),
+    (["experiment=simmim_pretrain"], "trainer.gradient_clip_val=5.0 does not work with strategy=fsdp (Lightning's "
+     "FSDP precision plugin cannot clip): use strategy=ddp, or trainer.gradient_clip_val=null"),
+    (DISTILL, "callbacks.token_diagnostics does not work with strategy=fsdp (the heads' "
+     "weights are sharded): use strategy=ddp, or drop it with ~callbacks.token_diagnostics"),
+])
+def test_fsdp_refuses_what_it_would_run_wrong(tmp_path, overrides, refused):
+    from deit_train.errors import ConfigError
+    from deit_train.run.preflight import check_options
+
+    with pytest.raises(ConfigError) as error:
+        check_options(compose_config([*overrides, "strategy=fsdp"], tmp_path))
+    assert str(error.value) == refused
+    check_options(compose_config(overrides, tmp_path))  # DDP takes them
+
+
+def test_fsdp_takes_a_distilled_run_without_those_options(tmp_path):
+    from deit_train.run.preflight import check_options
+
+    check_options(compose_config([*DISTILL, "strategy=fsdp", "~callbacks.token_diagnostics"], tmp_path))
+    check_options(compose_config(["experiment=simmim_pretrain", "strategy=fsdp", "trainer.gradient_clip_val=null"],
+                                 tmp_path))
+
+
+def test_fsdp_refusal_is_one_line_and_exit_2_before_training(tmp_path, digits_teacher_file):
+    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "strategy=fsdp",
+                    "module.ema_decay=0.9"], tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == ("error: module.ema_decay=0.9 does not work with strategy=fsdp (the "
+                                                    "student's parameters are shards): use strategy=ddp, or "
+                                                    "module.ema_decay=null")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ---- a compiled student still fills the token diagnostics --------------------------------------------------------
+def _diagnosed_fit(tmp_path, teacher_file, compile: bool) -> list[float]:
+    import lightning as L
+
+    from deit_train.run.diagnostics import TokenDiagnostics
+
+    cfg = compose_config(["experiment=quickstart", *FAST_DIGITS, f"teacher.checkpoint={teacher_file}",
+                          "teacher.min_val_top1=0", "teacher.precision=fp32", f"module.compile={compile}"], tmp_path)
+    L.seed_everything(0)
+    module, data, diagnostics = instantiate(cfg.module), instantiate(cfg.data), TokenDiagnostics()
+    # the sanity check compiles the evaluation graph before the first validation epoch, as in a real run
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, limit_train_batches=1, limit_val_batches=2,
+                        num_sanity_val_steps=1, callbacks=[diagnostics], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, data)
+    assert [record["epoch"] for record in diagnostics.history] == [0]
+    return diagnostics.history[0]["cosine"]
+
+
+def test_compiled_student_fills_the_token_diagnostics_like_the_eager_one(tmp_path, digits_teacher_file, monkeypatch):
+    import torch._inductor.config
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # drop-path draws as eager draws them
+    eager = _diagnosed_fit(tmp_path / "eager", digits_teacher_file, compile=False)
+    compiled = _diagnosed_fit(tmp_path / "compiled", digits_teacher_file, compile=True)
+    assert len(compiled) == len(eager) == 3  # embeddings, block 1, output norm of the 2-block student
+    # the compiled kernels reorder float sums: cosines agree to 1e-4
+    assert compiled == pytest.approx(eager, abs=1e-4)
