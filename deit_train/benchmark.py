@@ -229,5 +229,10 @@ def main(cfg: DictConfig) -> None:
     print(f"written: {out / 'benchmark.json'}, {out / 'benchmark.md'}")
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``deit-benchmark`` or ``python -m deit_train.benchmark``."""
     run_main(main, DEFAULTS, USAGE)
+
+
+if __name__ == "__main__":
+    cli()

@@ -289,5 +289,10 @@ def main(cfg: DictConfig) -> None:
     print(json.dumps(result, indent=2))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``deit-export`` or ``python -m deit_train.export``."""
     run_main(main, DEFAULTS, USAGE)
+
+
+if __name__ == "__main__":
+    cli()

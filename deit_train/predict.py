@@ -223,5 +223,10 @@ def main(cfg: DictConfig) -> None:
     print(format_records(records))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """The command line: ``deit-predict`` or ``python -m deit_train.predict``."""
     run_main(main, DEFAULTS, USAGE)
+
+
+if __name__ == "__main__":
+    cli()

@@ -22,7 +22,8 @@ from omegaconf import DictConfig
 
 from deit_train.run.cadence import ValidateFinalEpoch
 from deit_train.run.checkpoints import AtomicCheckpointIO, atomic_torch_save
-from deit_train.compare import load_local_run, plot_curves
+from deit_train.compare.plots import plot_curves
+from deit_train.compare.runs import load_local_run
 from deit_train.run.config import CONFIG_DIR, require_experiment
 from deit_train.run.console import quiet_console
 from deit_train.data.stream import StepSeeding

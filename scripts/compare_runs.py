@@ -3,7 +3,7 @@
 `python scripts/compare_runs.py --wandb ENTITY/PROJECT --group quickstart` (W&B API). See deit_train.compare."""
 import sys
 
-from deit_train.compare import main
+from deit_train.compare.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,9 +1,17 @@
 """Shared fixtures: tiny teachers saved to disk, Hydra composition and CLI runs in temp dirs."""
 from __future__ import annotations
 
+import io
 import os
+import random
+import shutil
+import socket
 import subprocess
 import sys
+import traceback
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -57,6 +65,115 @@ FAST_DIGITS = [
     "model.num_attention_heads=2", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
     "trainer.limit_test_batches=2", "data.batch_size=16",
 ]
+
+
+def main_in_process(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``python -m deit_train argv`` in this process: the same entry point, exit status and console output as a
+    subprocess, without starting an interpreter and importing torch, Lightning and timm again (seconds a run).
+    It runs in the repository root with ``env`` added to the environment; environment, argv, working directory and
+    warning filters are restored after.
+
+    A run that must be a process of its own stays with :func:`run_cli`: several processes (DDP, Slurm), a console
+    checked for what Python itself prints (warnings), or a process killed mid-run."""
+    from deit_train.__main__ import main
+
+    stdout, stderr = io.StringIO(), io.StringIO()
+    saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    os.environ.update({**(env or {}), "PYTHONWARNINGS": "ignore"})
+    sys.argv = command = ["deit_train", *argv]
+    os.chdir(ROOT)  # where run_cli runs it
+    code = 0
+    try:
+        with warnings.catch_warnings(), redirect_stdout(stdout), redirect_stderr(stderr):
+            warnings.simplefilter("ignore")  # as run_cli's PYTHONWARNINGS=ignore
+            try:
+                main()
+            except SystemExit as exit_info:
+                code = exit_info.code if isinstance(exit_info.code, int) else int(exit_info.code is not None)
+            except BaseException:  # what the interpreter would print before exiting with 1
+                traceback.print_exc()
+                code = 1
+    finally:
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        sys.argv = saved_argv
+        os.chdir(saved_cwd)
+    return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
+
+
+def run_cli_in_process(args: list[str], run_dir: Path, cache_dir: Path) -> subprocess.CompletedProcess:
+    """:func:`run_cli` in this process (:func:`main_in_process`)."""
+    return main_in_process([*args, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"],
+                           {"DEIT_TRAIN_CACHE": str(cache_dir)})
+
+
+# The session's trained run: a one-epoch quickstart at 16 px (4 optimizer steps, no warmup, the whole test split)
+def trained_run_args(teacher_file: Path) -> list[str]:
+    return ["experiment=quickstart", f"teacher.checkpoint={teacher_file}", "teacher.min_val_top1=0",
+            "trainer.max_epochs=1", *FAST_DIGITS, "optim.warmup_epochs=0", "trainer.log_every_n_steps=1",
+            "trainer.limit_test_batches=1.0"]
+
+
+@dataclass(frozen=True)
+class TrainedRun:
+    dir: Path
+    args: list[str]  # as given to `python -m deit_train` (besides hydra.run.dir and the progress bar)
+    process: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, digits_teacher_file) -> TrainedRun:
+    """One run of the CLI in its own process, trained once per test session and read by every test that needs a
+    trained run, its checkpoints or its logs. Read-only: a test that changes it works on a copy."""
+    tmp = tmp_path_factory.mktemp("trained_run")
+    args = trained_run_args(digits_teacher_file)
+    proc = run_cli(args, tmp / "run", tmp / "cache")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return TrainedRun(tmp / "run", args, proc)
+
+
+# ---- a local one-node Slurm cluster (scripts/slurm_local_cluster.sh) ------------------------------------------
+SLURM_TOOLS = ("sbatch", "srun", "scontrol", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
+
+
+def _free_port_pair() -> int:
+    for _ in range(50):
+        port = random.randint(20000, 40000)
+        try:
+            for p in (port, port + 1):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", p))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no free port pair for the local Slurm")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    """Environment of a running one-node Slurm, started once for every test module that needs it (tests/
+    test_slurm.py's ``slurm``) and stopped at the end of the session."""
+    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
+    if missing:
+        reason = f"Slurm not installed ({', '.join(missing)} missing): scripts/install_slurm.sh"
+        if os.environ.get("DEIT_TRAIN_REQUIRE_SLURM") or os.environ.get("CI"):  # CI must not skip these
+            pytest.fail(reason)
+        pytest.skip(reason)
+    if os.geteuid() != 0:
+        pytest.skip("the local Slurm cluster runs slurmd/slurmctld as root")
+    state = tmp_path_factory.mktemp("slurm")
+    script = str(ROOT / "scripts" / "slurm_local_cluster.sh")
+    env = {**os.environ, "SLURM_LOCAL_PORT": str(_free_port_pair()),
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "DEIT_TRAIN_CACHE": str(state / "cache"), "PYTHONWARNINGS": "ignore"}
+    started = subprocess.run([script, "start", str(state)], env=env, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    env["SLURM_CONF"] = str(state / "slurm.conf")
+    env.pop("SLURM_JOB_ID", None)
+    try:
+        yield env
+    finally:
+        subprocess.run([script, "stop", str(state)], env=env, capture_output=True, timeout=120)
 
 
 # The sizes of FAST_DIGITS' student: a DeiT small enough to train in seconds on the 16 px digits.

@@ -13,7 +13,7 @@ from timm.data.auto_augment import AutoAugment, RandAugment
 from timm.data.random_erasing import RandomErasing
 from torchvision import transforms as T
 
-from conftest import FAST_DIGITS, compose_config, run_cli
+from conftest import FAST_DIGITS, compose_config, run_cli_in_process
 from deit_train.data import AugmentRecipe, build_mixup
 from deit_train.data.transforms import eval_transform
 
@@ -128,8 +128,9 @@ def test_digits_recipes_keep_their_own_augmentation(tmp_path):
 
 
 def test_a_digits_run_with_the_deit_recipe(tmp_path, digits_teacher_file):
-    proc = run_cli(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0",
-                    "trainer.max_epochs=1", *FAST_DIGITS], tmp_path / "run", tmp_path / "cache")
+    proc = run_cli_in_process(["experiment=quickstart", "augment=deit", f"teacher.checkpoint={digits_teacher_file}",
+                               "teacher.min_val_top1=0", "trainer.max_epochs=1", *FAST_DIGITS], tmp_path / "run",
+                              tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert 0.0 <= results["test/top1"] <= 1.0

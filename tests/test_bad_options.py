@@ -4,7 +4,7 @@ import os
 import pytest
 import torch
 
-from conftest import FAST_DIGITS, compose_config, run_cli
+from conftest import FAST_DIGITS, compose_config, run_cli_in_process
 from deit_train.run.cli import parse_args
 from deit_train.errors import ConfigError
 from deit_train.run.preflight import check_counts, check_paths, load_checkpoint_file
@@ -81,8 +81,8 @@ def test_tool_options_given_text_for_a_number_are_named():
     (["optim.base_lr=fast"], "error: optim.base_lr='fast' is not a number (the config's default is 0.016): pass a number"),
 ])
 def test_the_cli_prints_one_line_and_exits_2(tmp_path, digits_teacher_file, args, line):
-    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", *args], tmp_path / "run",
-                   tmp_path / "cache")
+    proc = run_cli_in_process(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}",
+                               "teacher.min_val_top1=0", *args], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert [x for x in proc.stderr.splitlines() if x.strip()][-1] == line
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -9,8 +9,9 @@ import sys
 import pytest
 from scipy import stats as scipy_stats
 
-from deit_train.compare import (Run, describe, find_baselines, find_runs, group_runs, group_statistics, main,
-                                welch_p)
+from deit_train.compare.cli import main
+from deit_train.compare.runs import Run, find_runs
+from deit_train.compare.statistics import describe, find_baselines, group_runs, group_statistics, welch_p
 from deit_train.errors import ConfigError
 
 from conftest import FAST_DIGITS, ROOT

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from deit_train.compare import find_runs, main
+from deit_train.compare.cli import main
+from deit_train.compare.runs import find_runs
 
 
 def write_run(run_dir: Path, top1: list[float]) -> None:

@@ -4,10 +4,7 @@ import json
 import pytest
 import yaml
 
-from conftest import FAST_DIGITS, run_cli
-
-# the full digits test split (270 images: 135 per rank, so the distributed sampler pads nothing)
-TINY = [arg for arg in FAST_DIGITS if not arg.startswith("trainer.limit_test_batches")]
+from conftest import run_cli
 
 
 def _results(run_dir):
@@ -18,28 +15,29 @@ def _hparams(run_dir):
     return yaml.safe_load((run_dir / "csv" / "hparams.yaml").read_text())
 
 
-def test_two_process_ddp_evaluates_like_one_process(tmp_path, digits_teacher_file):
+def test_two_process_ddp_evaluates_like_one_process(tmp_path, trained_run):
     """The same checkpoint tested on 1 and on 2 gloo processes gives identical top-1 (student heads and teacher).
 
     Without the cross-rank sync each rank would report the accuracy on its own half of the test split.
     """
-    common = ["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1", *TINY]
-    single = run_cli(common, tmp_path / "single", tmp_path / "cache")
-    assert single.returncode == 0, single.stderr[-3000:]
-    last = tmp_path / "single" / "checkpoints" / "last.ckpt"
+    # the session's one-process run tested the full digits test split (270 images: 135 per rank, so the
+    # distributed sampler pads nothing)
+    single = trained_run.dir
+    assert "trainer.limit_test_batches=1.0" == [a for a in trained_run.args if "limit_test_batches" in a][-1]
+    last = single / "checkpoints" / "last.ckpt"
 
     # resumes after its only epoch, so nothing trains: it tests exactly the single run's weights
-    ddp = run_cli([*common, "strategy=ddp_cpu", "trainer.devices=2", f"ckpt_path={last}"],
+    ddp = run_cli([*trained_run.args, "strategy=ddp_cpu", "trainer.devices=2", f"ckpt_path={last}"],
                   tmp_path / "ddp", tmp_path / "cache")
     assert ddp.returncode == 0, ddp.stderr[-3000:]
 
-    one, two = _results(tmp_path / "single"), _results(tmp_path / "ddp")
+    one, two = _results(single), _results(tmp_path / "ddp")
     keys = ["test/top1", "test/top1_cls", "test/top1_dist", "test/top5", "teacher/test_top1", "test/agreement",
             "test/disagree_teacher_cls", "test/disagree_cls_dist", "test/disagree_dist_pred"]
     assert {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, abs=1e-6)
 
     # global batch = 16 per device x 2 devices; lr = base_lr (quickstart 1.6e-2) x 32 / 512
-    assert _hparams(tmp_path / "single")["optim/global_batch"] == 16
+    assert _hparams(single)["optim/global_batch"] == 16
     assert _hparams(tmp_path / "ddp")["optim/global_batch"] == 32
     assert _hparams(tmp_path / "ddp")["optim/lr"] == pytest.approx(1.6e-2 * 32 / 512)
     assert _hparams(tmp_path / "ddp")["trainer"]["strategy"]["process_group_backend"] == "gloo"

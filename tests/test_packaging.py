@@ -42,3 +42,10 @@ def test_wheel_ships_modules_and_configs_and_composes_from_elsewhere(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     job = yaml.safe_load(run.stdout)
     assert job["task_name"] == "quickstart" and job["model"]["hidden_size"] > 0
+
+    # pip wrote the console scripts; one run shows they call the installed package (its exit status passed on)
+    assert {"deit-train", "deit-eval", "deit-export", "deit-predict", "deit-compare"} <= {
+        p.name for p in (site / "bin").iterdir()}
+    compare = subprocess.run([str(site / "bin" / "deit-compare")], cwd=elsewhere, env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert compare.returncode == 2 and compare.stderr.startswith("error: no runs found in outputs multirun")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +12,6 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from conftest import FAST_DIGITS, run_cli
 from deit_train import export as export_cli
 from deit_train import predict as predict_cli
 from deit_train.run.cli import run_main
@@ -135,12 +135,10 @@ def test_predict_errors_are_one_line(distilled_ckpt, tmp_path, capsys):
     assert capsys.readouterr().err.strip().startswith("error: unknown option 'topk'")
 
 
-def test_trained_run_exports_and_predicts_from_the_checkpoint_alone(tmp_path, digits_teacher_file, capsys):
+def test_trained_run_exports_and_predicts_from_the_checkpoint_alone(tmp_path, trained_run, capsys):
     """Train (1 short epoch) -> the checkpoint carries its config -> predict and export CLIs use it."""
     run_dir = tmp_path / "run"
-    result = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=1",
-                      *FAST_DIGITS], run_dir, tmp_path / "cache")
-    assert result.returncode == 0, result.stderr[-2000:]
+    shutil.copytree(trained_run.dir, run_dir)  # the session's run (a bare checkpoint is written next to its own)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     stored = torch.load(ckpt, map_location="cpu", weights_only=False)[CHECKPOINT_KEY]
     assert stored["model"]["image_size"] == 16 and stored["model"]["distilled"] is True

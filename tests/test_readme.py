@@ -32,7 +32,7 @@ from deit_train import export as export_cli
 from deit_train import predict as predict_cli
 from deit_train.pack import compose_pack_config
 from deit_train.run.cli import parse_args, run_main
-from deit_train.compare import main as compare_runs
+from deit_train.compare.cli import main as compare_runs
 from deit_train.run.config import CONFIG_DIR
 from deit_train.train import main as train_main
 

@@ -2,15 +2,12 @@
 import csv
 import json
 import math
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import FAST_DIGITS, ROOT, run_cli
+from conftest import FAST_DIGITS, main_in_process, run_cli_in_process
 from deit_train.errors import ConfigError
 from deit_train.eval import evaluate
 
@@ -36,13 +33,11 @@ def _last_line(proc) -> str:
     return [line for line in proc.stderr.splitlines() if line.strip()][-1]
 
 
-@pytest.fixture(scope="module")
-def one_epoch_run(tmp_path_factory, digits_teacher_file):
-    """A one-epoch quickstart run (4 optimizer steps), copied per test that changes it."""
-    tmp = tmp_path_factory.mktemp("resume")
-    proc = run_cli(_args(digits_teacher_file, "trainer.limit_test_batches=1.0"), tmp / "run", tmp / "cache")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return tmp / "run"
+@pytest.fixture
+def one_epoch_run(trained_run, digits_teacher_file):
+    """A one-epoch quickstart run (4 optimizer steps): the session's, copied per test that changes it."""
+    assert trained_run.args == _args(digits_teacher_file, "trainer.limit_test_batches=1.0")
+    return trained_run.dir
 
 
 def test_eval_reproduces_the_runs_own_test_metrics(one_epoch_run):
@@ -60,7 +55,7 @@ def test_rerun_with_another_config_is_refused_and_the_stored_config_kept(one_epo
     shutil.copytree(one_epoch_run, run)
     stored = (run / ".hydra" / "config.yaml").read_bytes()
     last = (run / "checkpoints" / "last.ckpt").read_bytes()
-    proc = run_cli(_args(digits_teacher_file, "distill=soft", "trainer.max_epochs=2"), run, tmp_path / "cache")
+    proc = run_cli_in_process(_args(digits_teacher_file, "distill=soft", "trainer.max_epochs=2"), run, tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert _last_line(proc).startswith(f"error: run directory {run} holds a run with another config "
                                        "(distill.distill_type: hard -> soft, ")
@@ -71,8 +66,8 @@ def test_rerun_with_another_config_is_refused_and_the_stored_config_kept(one_epo
 def test_checkpoint_of_another_architecture_is_one_line_from_its_stored_config(one_epoch_run, digits_teacher_file,
                                                                               tmp_path):
     ckpt = one_epoch_run / "checkpoints" / "last.ckpt"
-    proc = run_cli(_args(digits_teacher_file, f"ckpt_path={ckpt}", "model.hidden_size=48"), tmp_path / "other",
-                   tmp_path / "cache")
+    proc = run_cli_in_process(_args(digits_teacher_file, f"ckpt_path={ckpt}", "model.hidden_size=48"),
+                              tmp_path / "other", tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert _last_line(proc) == (f"error: ckpt_path={ckpt}: checkpoint was trained with model.hidden_size=32, this run "
                                 "asks for 48: resume with the checkpoint's model settings (or use model.init_from to "
@@ -85,11 +80,9 @@ def test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule(o
     shutil.copytree(one_epoch_run, run)
     stored = (run / ".hydra" / "config.yaml").read_bytes()
     # as a user types it: no hydra.run.dir; a new run would go to a timestamped dir under DEIT_TRAIN_OUTPUTS
-    env = {**os.environ, "DEIT_TRAIN_CACHE": str(tmp_path / "cache"), "DEIT_TRAIN_OUTPUTS": str(tmp_path / "outputs"),
-           "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, "-m", "deit_train", *_args(digits_teacher_file, "trainer.max_epochs=3"),
-           f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.enable_progress_bar=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    env = {"DEIT_TRAIN_CACHE": str(tmp_path / "cache"), "DEIT_TRAIN_OUTPUTS": str(tmp_path / "outputs")}
+    proc = main_in_process([*_args(digits_teacher_file, "trainer.max_epochs=3"),
+                            f"ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "trainer.enable_progress_bar=false"], env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "outputs" / "quickstart").iterdir()) == ["first"]  # no new run dir
     assert (run / ".hydra" / "config.yaml").read_bytes() == stored
@@ -119,7 +112,8 @@ def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(one_
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(one_epoch_run / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")  # resumed from
     good = (run / "checkpoints" / "last.ckpt").read_bytes()
-    proc = run_cli(_args(digits_teacher_file, "trainer.max_epochs=2", "optim.base_lr=1e30"), run, tmp_path / "cache")
+    proc = run_cli_in_process(_args(digits_teacher_file, "trainer.max_epochs=2", "optim.base_lr=1e30"), run,
+                              tmp_path / "cache")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     line = _last_line(proc)
     assert line.startswith("error: the training loss is nan at epoch 1, step ") or \

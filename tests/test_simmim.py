@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from torch.utils.data import TensorDataset
 
-from conftest import run_cli
+from conftest import run_cli_in_process
 from deit_train.data.digits import DigitsDataModule
 from deit_train.data.simmim import SimMIMTrainTransform
 from deit_train.errors import ConfigError
@@ -331,8 +331,8 @@ def test_simmim_transform_needs_a_per_image_transform():
 # ---- end to end: the staged quickstart (pretrain -> fine-tune, and from scratch) ------------------------
 def test_simmim_quickstart_stages_write_images_checkpoints_and_both_scores(tmp_path):
     run = tmp_path / "run"
-    proc = run_cli(["experiment=simmim_quickstart", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
-                    "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"], run, tmp_path / "cache")
+    proc = run_cli_in_process(["experiment=simmim_quickstart", "trainer.max_epochs=1", "trainer.limit_train_batches=3",
+                               "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"], run, tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((run / "results.json").read_text())
     assert set(results["stages"]) == {"pretrain", "finetune", "scratch"}

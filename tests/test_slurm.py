@@ -3,9 +3,6 @@
 import csv
 import json
 import os
-import random
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +20,6 @@ from deit_train.run.console import SACCT_EXPLANATION
 from deit_train.run.launch import rank_overrides
 from deit_train.run.resume import resume_checkpoint
 
-SLURM_TOOLS = ("sbatch", "srun", "scontrol", "squeue", "slurmctld", "slurmd", "munged", "mungekey")
 # quickstart's models made tiny: each epoch is a few steps, so the test is about control flow, not accuracy
 TINY = ["experiment=quickstart", "model.image_size=16", "model.hidden_size=32", "model.num_hidden_layers=1",
         "model.num_attention_heads=2", "data.batch_size=16", "trainer.limit_train_batches=3",
@@ -63,44 +59,12 @@ def test_only_rank_zero_writes_hydra_files_under_srun():
     assert rank_overrides({"SLURM_PROCID": "3", "SLURM_NTASKS": "4"}) == ["hydra/job_logging=stdout"]
 
 
-# ---- the local cluster --------------------------------------------------------------------------------------
-def _free_port_pair() -> int:
-    for _ in range(50):
-        port = random.randint(20000, 40000)
-        try:
-            for p in (port, port + 1):
-                with socket.socket() as sock:
-                    sock.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-    raise RuntimeError("no free port pair for the local Slurm")
-
-
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """Environment of a running one-node Slurm; stopped after this module's tests."""
-    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
-    if missing:
-        reason = f"Slurm not installed ({', '.join(missing)} missing): scripts/install_slurm.sh"
-        if os.environ.get("DEIT_TRAIN_REQUIRE_SLURM") or os.environ.get("CI"):  # CI must not skip these
-            pytest.fail(reason)
-        pytest.skip(reason)
-    if os.geteuid() != 0:
-        pytest.skip("the local Slurm cluster runs slurmd/slurmctld as root")
-    state = tmp_path_factory.mktemp("slurm")
-    script = str(ROOT / "scripts" / "slurm_local_cluster.sh")
-    env = {**os.environ, "SLURM_LOCAL_PORT": str(_free_port_pair()),
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "DEIT_TRAIN_CACHE": str(state / "cache"), "PYTHONWARNINGS": "ignore"}
-    started = subprocess.run([script, "start", str(state)], env=env, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    env["SLURM_CONF"] = str(state / "slurm.conf")
-    env.pop("SLURM_JOB_ID", None)
-    try:
-        yield env
-    finally:
-        subprocess.run([script, "stop", str(state)], env=env, capture_output=True, timeout=120)
+# ---- the local cluster (conftest.slurm_cluster: started once per test session) ------------------------------
+@pytest.fixture
+def slurm(slurm_cluster):
+    """Environment of the session's running one-node Slurm (the name this module's tests, and modules importing
+    it, use)."""
+    return slurm_cluster
 
 
 def _scontrol(env, *args) -> str:
@@ -147,6 +111,8 @@ def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_
     run_dir, epochs = tmp_path / "run", 10
     args = [f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", f"trainer.max_epochs={epochs}"]
     job = _sbatch_train(slurm, tmp_path, run_dir, *args)
+    # the same training uninterrupted, beside it (one CPU each): the requeued run must end exactly where it does
+    reference = _sbatch_train(slurm, tmp_path, tmp_path / "uninterrupted", *args)
     last = run_dir / "checkpoints" / "last.ckpt"
     _wait(lambda: _ckpt_epoch(last) >= 1, 240, "two finished epochs")  # epoch index 1 done -> 2 epochs
 
@@ -171,7 +137,6 @@ def test_sbatch_requeue_resumes_in_same_run_dir(slurm, tmp_path, digits_teacher_
     assert all(seen[e] == 1 for e in range(done_before))
     assert _ckpt_epoch(last) == epochs - 1
     # the deterministic stream: the requeued run ends exactly where an uninterrupted one does
-    reference = _sbatch_train(slurm, tmp_path, tmp_path / "uninterrupted", *args)
     _wait(lambda: _job_state(slurm, reference) in {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, 300,
           "the uninterrupted job to finish", poll_s=1)
     uninterrupted = json.loads((tmp_path / "uninterrupted" / "results.json").read_text())

@@ -10,7 +10,7 @@ from deit_train.data import DigitsDataModule
 from deit_train.data.subset import balanced_subset, subset_tag
 from deit_train.errors import ConfigError
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_cli_in_process
 
 LABELS = np.array([0] * 40 + [1] * 20 + [2] * 10)
 
@@ -48,7 +48,8 @@ def test_bootstrapped_teacher_learns_from_the_subset_and_is_cached_under_its_key
     limits = ["trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1"]
     tiny = ["teacher.min_val_top1=0", "trainer.max_epochs=1", *limits, "model.hidden_size=48", "model.num_hidden_layers=1",
             f"teacher_recipe_overrides=[{','.join(map(repr, limits))}]"]  # the teacher's 12 epochs, one batch each
-    proc = run_cli(["experiment=quickstart", "data.train_fraction=0.2", *tiny], tmp_path / "run", tmp_path / "cache")
+    proc = run_cli_in_process(["experiment=quickstart", "data.train_fraction=0.2", *tiny], tmp_path / "run",
+                              tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "the teacher trains on its recipe's schedule, not on trainer.max_epochs=1 trainer.limit_train_batches=1 " \
            "trainer.limit_val_batches=1 trainer.limit_test_batches=1" in proc.stdout + proc.stderr

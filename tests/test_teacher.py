@@ -30,7 +30,8 @@ def _student(classes=10):
 
 
 def test_teacher_weights_unchanged_by_training(digits_teacher_file):
-    teacher = FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file))
+    # fp32: precision=auto casts the weights to bf16 on a CPU with AVX512-BF16, a change made before training
+    teacher = FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file), precision="fp32")
     # every BatchNorm was folded at load, so no running statistics are left to drift
     assert teacher.folded_batchnorms == 44 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -63,7 +64,7 @@ def test_loads_checkpoint_formats(tmp_path, wrap):
     payload = {"plain": sd, "state_dict": {"state_dict": sd, "epoch": 3}, "model": {"model": sd, "args": None},
                "student_prefix": {"state_dict": {f"student.{k}": v for k, v in sd.items()}}}[wrap]
     torch.save(payload, tmp_path / "t.pth")
-    teacher = FrozenTeacher("regnetx_002", checkpoint=str(tmp_path / "t.pth"))
+    teacher = FrozenTeacher("regnetx_002", checkpoint=str(tmp_path / "t.pth"), precision="fp32")  # as net's
     assert teacher.num_classes == 5
     x = torch.randn(2, 3, 32, 32)
     net.eval()
@@ -72,7 +73,8 @@ def test_loads_checkpoint_formats(tmp_path, wrap):
 
 def test_renormalises_input_when_statistics_differ(digits_teacher_file):
     teacher = FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file), mean=(0.485, 0.456, 0.406),
-                            std=(0.229, 0.224, 0.225), input_mean=(0.5, 0.5, 0.5), input_std=(0.5, 0.5, 0.5))
+                            std=(0.229, 0.224, 0.225), input_mean=(0.5, 0.5, 0.5), input_std=(0.5, 0.5, 0.5),
+                            precision="fp32")  # its own network is called with fp32 images below
     raw = torch.rand(2, 3, 32, 32)
     student_view = (raw - 0.5) / 0.5
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)

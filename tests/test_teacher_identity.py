@@ -33,7 +33,9 @@ def test_stored_normalisation_wins_over_the_data_config(net_and_file):
     net, path = net_and_file
     raw = torch.rand(4, 3, 32, 32)
     # the data pipeline normalises with ImageNet's statistics (data=imagefolder), the teacher learnt 0.5/0.5
-    teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), input_mean=IMAGENET[0], input_std=IMAGENET[1])
+    # fp32 like net (precision=auto would pick bf16 on a CPU with AVX512-BF16)
+    teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), input_mean=IMAGENET[0], input_std=IMAGENET[1],
+                            precision="fp32")
     student_view = (raw - torch.tensor(IMAGENET[0]).view(1, 3, 1, 1)) / torch.tensor(IMAGENET[1]).view(1, 3, 1, 1)
     with torch.no_grad():
         expected = net((raw - 0.5) / 0.5)
@@ -50,7 +52,8 @@ def test_teacher_sees_its_own_resolution(net_and_file):
     batch48 = torch.randn(3, 3, 48, 48)
     with torch.no_grad():
         expected = net(F.interpolate(batch48, size=(32, 32), mode="bicubic", antialias=True, align_corners=False))
-    teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), input_mean=(0.5,) * 3, input_std=(0.5,) * 3)
+    teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), input_mean=(0.5,) * 3, input_std=(0.5,) * 3,
+                            precision="fp32")  # as net
     assert torch.allclose(teacher(batch48), expected, atol=1e-4 * expected.abs().max())
     assert FrozenTeacher("regnetx_002", checkpoint=str(path), image_size=48).image_size == 48
     assert teacher.fingerprint()["image_size"] == 32
@@ -62,7 +65,7 @@ def test_class_order_is_matched_or_refused(net_and_file):
     with pytest.raises(ConfigError, match="another order than the data's.*teacher.class_order=match"):
         FrozenTeacher("regnetx_002", checkpoint=str(path)).match_classes(shuffled)
     teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), class_order="match", input_mean=(0.5,) * 3,
-                            input_std=(0.5,) * 3)
+                            input_std=(0.5,) * 3, precision="fp32")  # as net
     teacher.match_classes(shuffled)
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

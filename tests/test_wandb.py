@@ -1,12 +1,13 @@
 """W&B tracking: automatic offline mode, the run recorded with config and metrics, read back by compare_runs."""
+import runpy
 import socket
-import subprocess
 import sys
 
 import pytest
 
 from conftest import FAST_DIGITS, ROOT, run_cli
-from deit_train.compare import find_runs, load_wandb_offline, summary_rows
+from deit_train.compare.runs import find_runs, load_wandb_offline
+from deit_train.compare.statistics import summary_rows
 from deit_train.run.loggers import offline_reason, run_name
 
 FAKE_KEY = "0123456789abcdef-not-a-real-key"
@@ -36,7 +37,7 @@ def test_run_name_keeps_what_changes_training():
     assert run_name("quickstart", overrides) == "quickstart,distill=soft,model.hidden_size=64"
 
 
-def test_offline_run_read_back_by_compare_runs(tmp_path, digits_teacher_file, monkeypatch):
+def test_offline_run_read_back_by_compare_runs(tmp_path, digits_teacher_file, monkeypatch, capsys):
     """A key but no reachable server: offline, one line about it, and the key never lands in the run dir."""
     run_dir = tmp_path / "run"
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
@@ -77,8 +78,11 @@ def test_offline_run_read_back_by_compare_runs(tmp_path, digits_teacher_file, mo
             assert FAKE_KEY.encode() not in path.read_bytes(), path
 
     png = tmp_path / "curves.png"
-    cli = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(run_dir), "--source", "wandb",
-                          "--out", str(png)], capture_output=True, text=True, timeout=120)
-    assert cli.returncode == 0, cli.stderr
-    assert f"{row['top-1 final']:.4f}" in cli.stdout and "config differences" not in cli.stdout  # one run
+    script = ROOT / "scripts" / "compare_runs.py"  # run as a script, in this process
+    monkeypatch.setattr(sys, "argv", [str(script), str(run_dir), "--source", "wandb", "--out", str(png)])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(str(script), run_name="__main__")
+    printed = capsys.readouterr()
+    assert exit_info.value.code == 0, printed.err
+    assert f"{row['top-1 final']:.4f}" in printed.out and "config differences" not in printed.out  # one run
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
