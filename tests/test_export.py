@@ -263,11 +263,11 @@ def test_hf_key_mapping_round_trip_in_both_transformers_layouts():
 
 
 @pytest.mark.parametrize("experiment", ["simmim_pretrain", "simmim_quickstart_pretrain"])
-def test_simmim_pretraining_exports_as_vit_as_the_readme_says(experiment, tmp_path):
+def test_simmim_pretraining_exports_as_vit_as_the_docs_say(experiment, tmp_path):
     """Pretraining encoders have no distillation token, so export picks ViTForMaskedImageModeling (transformers'
-    DeiT would add one); the README names that class (issue 13 found it naming DeiTForMaskedImageModeling)."""
+    DeiT would add one); the export docs name that class (issue 13 found the README naming DeiTForMaskedImageModeling)."""
     from conftest import ROOT, compose_config
 
     assert compose_config([f"experiment={experiment}"], tmp_path).model.distilled is False
-    readme = (ROOT / "README.md").read_text()
-    assert "`ViTForMaskedImageModeling`" in readme and "DeiTForMaskedImageModeling" not in readme
+    docs = (ROOT / "docs" / "export_inference.md").read_text()
+    assert "`ViTForMaskedImageModeling`" in docs and "DeiTForMaskedImageModeling" not in docs
