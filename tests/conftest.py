@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import logging
 import os
 import random
 import shutil
@@ -67,11 +68,28 @@ FAST_DIGITS = [
 ]
 
 
+def _logging_state() -> dict:
+    loggers = [logging.root, *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]
+    return {logger: (logger.level, list(logger.handlers), logger.propagate, logger.disabled) for logger in loggers}
+
+
+def _restore_logging(state: dict) -> None:
+    """Levels, handlers (left pointing at this run's closed console otherwise) and propagation as they were; loggers
+    the run created go back to defaults."""
+    for logger in [logging.root, *logging.Logger.manager.loggerDict.values()]:
+        if not isinstance(logger, logging.Logger):
+            continue
+        level, handlers, propagate, disabled = state.get(logger, (logging.NOTSET, [], True, False))
+        logger.setLevel(level)
+        logger.handlers[:] = handlers
+        logger.propagate, logger.disabled = propagate, disabled
+
+
 def main_in_process(argv: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``python -m deit_train argv`` in this process: the same entry point, exit status and console output as a
     subprocess, without starting an interpreter and importing torch, Lightning and timm again (seconds a run).
-    It runs in the repository root with ``env`` added to the environment; environment, argv, working directory and
-    warning filters are restored after.
+    It runs in the repository root with ``env`` added to the environment; environment, argv, working directory,
+    warning filters and the logging set-up (Hydra configures handlers and levels per run) are restored after.
 
     A run that must be a process of its own stays with :func:`run_cli`: several processes (DDP, Slurm), a console
     checked for what Python itself prints (warnings), or a process killed mid-run."""
@@ -79,6 +97,7 @@ def main_in_process(argv: list[str], env: dict[str, str] | None = None) -> subpr
 
     stdout, stderr = io.StringIO(), io.StringIO()
     saved_environ, saved_argv, saved_cwd = dict(os.environ), sys.argv, os.getcwd()
+    saved_logging = _logging_state()
     os.environ.update({**(env or {}), "PYTHONWARNINGS": "ignore"})
     sys.argv = command = ["deit_train", *argv]
     os.chdir(ROOT)  # where run_cli runs it
@@ -98,6 +117,7 @@ def main_in_process(argv: list[str], env: dict[str, str] | None = None) -> subpr
         os.environ.update(saved_environ)
         sys.argv = saved_argv
         os.chdir(saved_cwd)
+        _restore_logging(saved_logging)
     return subprocess.CompletedProcess(command, code, stdout.getvalue(), stderr.getvalue())
 
 
