@@ -229,3 +229,19 @@ def digits_deit():
             optimizer.step()
     torch.set_num_threads(threads)
     return model.eval()
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """Training-time teacher forwards (validation runs without grad and is not counted)."""
+    calls = []
+    from deit_train.teacher import FrozenTeacher
+
+    original = FrozenTeacher.forward
+
+    def counting(self, x):
+        calls.append(torch.is_grad_enabled())
+        return original(self, x)
+
+    monkeypatch.setattr(FrozenTeacher, "forward", counting)
+    return lambda: sum(calls)

@@ -22,7 +22,6 @@ from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train.errors import ConfigError
 from deit_train.teacher.cache import CacheEntry, TeacherLogitCache, build_teacher, dense_logits, run_fingerprint
 from deit_train.losses import DistillationLoss
-from deit_train.teacher.network import FrozenTeacher
 from deit_train.teacher_cache import fill_cache
 from deit_train.train import train
 
@@ -33,20 +32,6 @@ SHORT = [*(a for a in FAST_DIGITS if not a.startswith(("trainer.limit_train", "t
          "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "trainer.enable_progress_bar=false",
          "test=false"]
 STEPS = 6
-
-
-@pytest.fixture
-def teacher_calls(monkeypatch):
-    """Training-time teacher forwards (validation runs without grad and is not counted)."""
-    calls = []
-    original = FrozenTeacher.forward
-
-    def counting(self, x):
-        calls.append(torch.is_grad_enabled())
-        return original(self, x)
-
-    monkeypatch.setattr(FrozenTeacher, "forward", counting)
-    return lambda: sum(calls)
 
 
 def _config(tmp_path, name, teacher_file, *extra):

@@ -19,9 +19,8 @@ from torchvision.datasets import ImageFolder
 from conftest import FAST_DIGITS, compose_config
 from deit_train.data import AugmentRecipe, ImageFolderDataModule, ShardsDataModule
 from deit_train.data.images import CorruptImageError
-from deit_train.data.pack import PackSource, pack_folder, write_pack
+from deit_train.data.pack import pack_folder
 from deit_train.errors import ConfigError, find_config_error
-from deit_train.teacher.network import FrozenTeacher
 from deit_train.train import train
 
 DEIT = dict(name="deit", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
@@ -175,25 +174,17 @@ def test_resumed_run_on_shards_ends_with_the_uninterrupted_weights(tmp_path, dig
 
 
 def test_teacher_cache_on_shards_is_read_back_exactly_also_from_a_moved_pack(tmp_path, digits_pack,
-                                                                              digits_teacher_file, monkeypatch):
-    calls = []
-    original = FrozenTeacher.forward
-
-    def counting(self, x):
-        calls.append(torch.is_grad_enabled())
-        return original(self, x)
-
-    monkeypatch.setattr(FrozenTeacher, "forward", counting)
+                                                                              digits_teacher_file, teacher_calls):
     cache = [f"teacher.cache_dir={tmp_path / 'cache'}", "teacher.cache_topk=1", "teacher.precision=fp32",
              "teacher.cache_verify_every=0"]
     pack = digits_pack[1]
     train(compose_config([*_run_overrides(pack, digits_teacher_file), *cache], tmp_path / "write"))
-    written = sum(calls)
+    written = teacher_calls()
     assert written == 6  # 2 epochs x 3 steps, all computed and stored
     moved = tmp_path / "moved-pack"
     shutil.copytree(pack, moved)
     train(compose_config([*_run_overrides(moved, digits_teacher_file), *cache], tmp_path / "read"))
-    assert sum(calls) == written + 1  # read from the cache: only the first read step runs the teacher (drift guard)
+    assert teacher_calls() == written + 1  # read from the cache: only the first read step runs the teacher (drift guard)
     assert _same_weights(_weights(tmp_path / "write"), _weights(tmp_path / "read"))
     (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
     fingerprint = json.loads((entry / "fingerprint.json").read_text())
