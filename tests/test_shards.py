@@ -16,7 +16,7 @@ from PIL import Image
 from sklearn.datasets import load_digits
 from torchvision.datasets import ImageFolder
 
-from conftest import FAST_DIGITS, compose_config
+from conftest import FAST_DIGITS, compose_config, train_preempted_then_resumed
 from deit_train.data import AugmentRecipe, ImageFolderDataModule, ShardsDataModule
 from deit_train.data.images import CorruptImageError
 from deit_train.data.pack import pack_folder
@@ -152,24 +152,8 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 def test_resumed_run_on_shards_ends_with_the_uninterrupted_weights(tmp_path, digits_pack, digits_teacher_file,
                                                                      monkeypatch):
-    from deit_train.losses import DistillationLoss
-
     overrides = _run_overrides(digits_pack[1], digits_teacher_file)
-    train(compose_config(overrides, tmp_path / "whole"))
-    original, calls = DistillationLoss.forward, []
-
-    def killed_in_epoch_1(self, *args):  # 3 training steps and 1 validation batch per epoch
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("preempted")
-        return original(self, *args)
-
-    monkeypatch.setattr(DistillationLoss, "forward", killed_in_epoch_1)
-    with pytest.raises(RuntimeError, match="preempted"):
-        train(compose_config(overrides, tmp_path / "requeued"))
-    monkeypatch.setattr(DistillationLoss, "forward", original)
-    assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
-    train(compose_config(overrides, tmp_path / "requeued"))
+    train_preempted_then_resumed(overrides, tmp_path, monkeypatch)
     assert _same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "requeued"))
 
 

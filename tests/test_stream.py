@@ -18,9 +18,8 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback
 from timm.data import Mixup
 
-from conftest import FAST_DIGITS, ROOT, compose_config
+from conftest import FAST_DIGITS, ROOT, compose_config, train_preempted_then_resumed
 from deit_train.data.stream import SeededDataset, StepSeeding, seed_globals, step_seed
-from deit_train.losses import DistillationLoss
 from deit_train.models.simmim import MaskGenerator
 from deit_train.train import train
 
@@ -122,22 +121,7 @@ def test_resume_from_last_checkpoint_ends_like_the_uninterrupted_run(tmp_path, d
                  "module.ema_decay=0.9", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
                  "trainer.limit_val_batches=1", "trainer.limit_test_batches=1", "trainer.num_sanity_val_steps=0",
                  "trainer.deterministic=true", "trainer.enable_progress_bar=false"]
-    whole = train(compose_config(overrides, tmp_path / "whole"))
-
-    original, calls = DistillationLoss.forward, []
-
-    def killed_in_epoch_1(self, *args):  # 3 training steps and 1 validation batch per epoch
-        calls.append(1)
-        if len(calls) == 5:
-            raise RuntimeError("preempted")
-        return original(self, *args)
-
-    monkeypatch.setattr(DistillationLoss, "forward", killed_in_epoch_1)
-    with pytest.raises(RuntimeError, match="preempted"):
-        train(compose_config(overrides, tmp_path / "requeued"))
-    monkeypatch.setattr(DistillationLoss, "forward", original)
-    assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
-    resumed = train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
+    whole, resumed = train_preempted_then_resumed(overrides, tmp_path, monkeypatch)
 
     weights = [torch.load(tmp_path / n / "checkpoints" / "last.ckpt", weights_only=False)["state_dict"]
                for n in ("whole", "requeued")]
