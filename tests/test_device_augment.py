@@ -5,6 +5,11 @@
 - device RandAugment: the same crops, flips, ops and magnitudes as the CPU path for 1,000 seeds; pixels BOUNDED:
   colour/LUT ops within 1 grey level of timm's PIL ops, geometric ops (bilinear tensor kernels against PIL bicubic)
   within a mean of 3 levels on photo-like crops (measured 1.2-2.6).
+- device decode (augment.device_decode): the same draws again (erasing boxes included) for 1,000 seeds; 224 px
+  crops within 2 grey levels of the worker-decode path where that decodes at full scale (the CPU path's own crop
+  there: PIL's bicubic resize against torchvision's antialiased one; measured max 2, mean 0.004), within a mean of
+  1.5 where it decodes at a reduced DCT scale (measured 0.98, max 10); the deit recipe's finished batch within a
+  mean of 1 level (measured 0.19: threshold ops such as Solarize turn a one-level difference into a large one).
 """
 from __future__ import annotations
 
@@ -16,13 +21,15 @@ import pytest
 import torch
 import torchvision.transforms.functional as F1
 from PIL import Image
+from timm.data import random_erasing
 from timm.data.auto_augment import AugmentOp, rand_augment_transform
 from timm.data.transforms import RandomResizedCropAndInterpolation
+from torch.utils.data import default_collate
 
 from conftest import compose_config
 from deit_train.data.device_augment import DeviceImages, apply_op
 from deit_train.data.fake import FakeDataModule
-from deit_train.data.images import EncodedImage, load_rgb
+from deit_train.data.images import CorruptImageError, EncodedImage, load_rgb
 from deit_train.data.recipes import AugmentRecipe, _posterize_keeping_zero_bits
 from deit_train.data.stream import seed_globals
 from deit_train.errors import ConfigError
@@ -88,37 +95,62 @@ def _recorded_cpu_path(monkeypatch) -> list:
             self.aug_fn = original
 
     monkeypatch.setattr(AugmentOp, "__call__", op_call)
+
+    def erasing_pixels(per_pixel, rand_color, patch_size, dtype=torch.float32, device="cpu"):
+        return torch.full(patch_size, float("nan"), dtype=dtype)  # marks the box; drawn after the box, as the noise
+
+    monkeypatch.setattr(random_erasing, "_get_pixels", erasing_pixels)
     return log
 
 
-def test_device_path_draws_the_cpu_paths_crops_flips_ops_and_magnitudes_for_1000_seeds(monkeypatch):
+def _erased_box(image: torch.Tensor) -> tuple:
+    """(top, left, height, width) of the NaN box the instrumented CPU path's erasing wrote, or ()."""
+    rows, cols = np.flatnonzero(image.isnan().any(0).any(1)), np.flatnonzero(image.isnan().any(0).any(0))
+    return (int(rows[0]), int(cols[0]), len(rows), len(cols)) if len(rows) else ()
+
+
+def _jpeg(rng, w: int, h: int, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_device_paths_draw_the_cpu_paths_crops_flips_ops_magnitudes_and_erasing_for_1000_seeds(monkeypatch):
     rng = np.random.default_rng(0)
-    photos = []
-    for k in range(8):  # sizes around the output and far above it (reduced-DCT decode on the device path)
-        w, h = [(40, 30), (64, 48), (200, 150), (150, 260)][k % 4]
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(buffer, "JPEG", quality=90)
-        photos.append(buffer.getvalue())
-    recipe = AugmentRecipe(**DEIT, device=True)
-    cpu = AugmentRecipe(**DEIT).train_transform(24, MEAN, STD)
-    device = recipe.worker_transform(24, MEAN, STD)
-    names = device.randaugment.names
+    # sizes around the output and far above it (reduced-DCT decode on the worker-decode device path); greyscale
+    # JPEGs decode on the device too, CMYK ones and PNGs in the worker
+    photos = [_jpeg(rng, *[(40, 30), (64, 48), (200, 150), (150, 260)][k % 4]) for k in range(8)]
+    photos += [_jpeg(rng, 90, 70, "L"), _jpeg(rng, 60, 80, "CMYK")]
+    png = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (50, 40, 3), dtype=np.uint8)).save(png, "PNG")
+    photos.append(png.getvalue())
+    recipe = dict(DEIT, re_prob=0.5)  # more erased samples to compare
+    cpu = AugmentRecipe(**recipe).train_transform(24, MEAN, STD)
+    paths = {"worker decode": AugmentRecipe(**recipe, device=True).worker_transform(24, MEAN, STD),
+             "device decode": AugmentRecipe(**recipe, device=True, device_decode=True).worker_transform(24, MEAN, STD)}
+    names = paths["worker decode"].randaugment.names
     log = _recorded_cpu_path(monkeypatch)
-    reduced = 0
+    reduced = erased = on_device = 0
     for seed in range(1000):
         photo = photos[seed % len(photos)]
         log.clear()
         seed_globals(seed, cpu_only=True)
-        cpu(load_rgb(photo))
-        cpu_draws = list(log)
-        seed_globals(seed, cpu_only=True)
-        params = device(EncodedImage(photo)).params
-        recorded = [("crop", tuple(params["crop"].tolist()))] + [("flip",)] * bool(params["flip"])
-        recorded += [("op", names[i], a) for i, a in zip(params["ra_ops"].tolist(), params["ra_args"].tolist())
-                     if i >= 0]
-        assert recorded == cpu_draws, seed
-        reduced += int(params["reduction"]) > 1
+        box = _erased_box(cpu(load_rgb(photo)))
+        cpu_draws = list(log) + [("erase", box)] * bool(box)
+        for name, device in paths.items():
+            seed_globals(seed, cpu_only=True)
+            params = device(EncodedImage(photo)).params
+            recorded = [("crop", tuple(params["crop"].tolist()))] + [("flip",)] * bool(params["flip"])
+            recorded += [("op", names[i], a) for i, a in zip(params["ra_ops"].tolist(), params["ra_args"].tolist())
+                         if i >= 0]
+            recorded += [("erase", tuple(b)) for b in params["erase_boxes"].tolist() if b[2]]
+            assert recorded == cpu_draws, (seed, name)
+        reduced += int(paths["worker decode"](EncodedImage(photo)).params["reduction"]) > 1
+        erased += bool(box)
+        on_device += bool(params["jpeg"])
+        assert bool(params["jpeg"]) == (seed % len(photos) < 9)  # RGB and greyscale JPEGs: bytes; the others: a crop
     assert reduced > 100  # the header-first draws held while JPEGs decoded at reduced scales
+    assert erased > 300 and on_device > 700
 
 
 def test_without_reduction_the_device_paths_worker_crop_is_the_cpu_paths():
@@ -186,7 +218,11 @@ def test_teacher_cache_keys_the_device_path_apart_and_keeps_the_cpu_paths_key(tm
         return run_fingerprint(compose_config([*base, *overrides], tmp_path), dm, teacher, 1, 5, "float16")
 
     cpu, uint8_off, device = fingerprint(), fingerprint("data.uint8_workers=false"), fingerprint("augment.device=true")
+    decode = fingerprint("augment.device=true", "augment.device_decode=true")
     assert "device" not in cpu["augment"] and "device_augment" not in cpu
+    assert "device_decode" not in cpu["augment"] and "device_decode" not in device["augment"]
+    assert "decode" not in device["device_augment"] and "libjpeg-turbo" in decode["device_augment"]["decode"]
+    assert len({fingerprint_digest(cpu), fingerprint_digest(device), fingerprint_digest(decode)}) == 3
     assert fingerprint_digest(cpu) == fingerprint_digest(uint8_off)  # the exact uint8 path is the same stream
     assert device["device_augment"]["device"] == "cpu"
     assert set(device["device_augment"]) == {"backend", "torch", "torchvision", "device"}
@@ -214,3 +250,67 @@ def test_training_steps_see_the_cpu_paths_batches_and_the_device_path_trains(tmp
     assert run("uint8", "data.uint8_workers=true") == cpu
     device = run("device", "augment.device=true")
     assert len(device) == 3 and device != cpu
+
+
+def _photo_jpeg(rng, w: int, h: int) -> bytes:
+    yy, xx = np.mgrid[0:h, 0:w]
+    phase = rng.uniform(0, 2 * np.pi, 3)
+    base = np.stack([127 + 100 * np.sin(xx / (20 + 7 * c) + yy / (31 + 5 * c) + phase[c]) for c in range(3)], -1)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(base + rng.normal(0, 12, base.shape), 0, 255).astype(np.uint8)).save(buffer, "JPEG",
+                                                                                                 quality=90)
+    return buffer.getvalue()
+
+
+def _finished(recipe: dict, photos: list, seeds, size: int, **device) -> torch.Tensor:
+    """The device path's batch in grey levels (0-255, before normalisation) for one seed per photo."""
+    worker = AugmentRecipe(**recipe, device=True, **device).worker_transform(size, MEAN, STD)
+    samples = []
+    for seed, photo in zip(seeds, photos):
+        seed_globals(seed, cpu_only=True)
+        samples.append(worker(EncodedImage(photo)))
+    batch = worker.finish(MEAN, STD)(default_collate(samples))
+    return batch * torch.tensor(STD).view(1, 3, 1, 1) * 255 + torch.tensor(MEAN).view(1, 3, 1, 1) * 255
+
+
+def test_device_decode_stays_within_resampling_arithmetic_of_the_worker_decode_path():
+    rng = np.random.default_rng(3)
+    photos = [_photo_jpeg(rng, *size) for size in [(500, 375), (375, 500), (200, 150), (1400, 1050), (64, 48)] * 8]
+    seeds = range(len(photos))
+    crop_only = dict(name="simple")
+    reductions = []
+    for seed, photo in zip(seeds, photos):
+        seed_globals(seed, cpu_only=True)
+        reductions.append(int(AugmentRecipe(**crop_only, device=True).worker_transform(224, MEAN, STD)(
+            EncodedImage(photo)).params["reduction"]))
+    full, reduced = np.array(reductions) == 1, np.array(reductions) > 1
+    assert full.sum() > 20 and reduced.sum() > 2
+    diff = (_finished(crop_only, photos, seeds, 224) - _finished(crop_only, photos, seeds, 224, device_decode=True))
+    diff = diff.abs().round()
+    assert diff[torch.from_numpy(full)].max() <= 2  # both decoded at full scale: PIL bicubic vs antialiased tensor
+    assert diff[torch.from_numpy(full)].mean() <= 0.05
+    assert diff[torch.from_numpy(reduced)].mean() <= 1.5  # the worker path decoded at 1/2-1/8 scale
+    deit = (_finished(DEIT, photos, seeds, 224) - _finished(DEIT, photos, seeds, 224, device_decode=True)).abs()
+    assert deit.mean() <= 1.0
+
+
+def test_device_decode_names_a_jpeg_the_device_cannot_decode_in_one_line():
+    rng = np.random.default_rng(4)
+    good = _jpeg(rng, 60, 40)
+    bad = bytearray(good)
+    bad[bad.index(b"\xff\xc4") + 4] = 0xFF  # a bogus Huffman table index: the header reads, the data does not
+    worker = AugmentRecipe(**DEIT, device=True, device_decode=True).worker_transform(24, MEAN, STD)
+    samples = [worker(EncodedImage(data, name=name)) for data, name in ((good, "good.jpg"), (bytes(bad), "bad.jpg"))]
+    assert all(sample.params["jpeg"] for sample in samples)  # a complete JPEG to the header: shipped as bytes
+    with pytest.raises(CorruptImageError) as error:
+        worker.finish(MEAN, STD)(default_collate(samples))
+    assert str(error.value).startswith("cannot decode image bad.jpg on the device (Bogus DHT index")
+    assert "\n" not in str(error.value) and "augment.device_decode=false" in str(error.value)
+
+
+def test_device_decode_needs_the_device_path_and_image_files():
+    with pytest.raises(ConfigError, match="augment.device_decode=true needs augment.device=true") as error:
+        AugmentRecipe(**DEIT, device_decode=True)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="FakeDataModule holds decoded images: use augment.device_decode=false"):
+        FakeDataModule(recipe=AugmentRecipe(**DEIT, device=True, device_decode=True))

@@ -18,6 +18,7 @@ from torchvision.datasets import ImageFolder
 
 from conftest import FAST_DIGITS, compose_config, train_preempted_then_resumed
 from deit_train.data import AugmentRecipe, ImageFolderDataModule, ShardsDataModule
+from deit_train.data.device_augment import DeviceFinish
 from deit_train.data.images import CorruptImageError
 from deit_train.data.pack import pack_folder
 from deit_train.errors import ConfigError, find_config_error
@@ -26,8 +27,9 @@ from deit_train.train import train
 DEIT = dict(name="deit", auto_augment="rand-m9-mstd0.5-inc1", re_prob=0.25)
 
 
-def _digits_folder(root: Path, per_class: dict[str, int]) -> Path:
-    """The first images of each digit as 8x8 greyscale PNGs in ImageNet layout (root/<split>/<digit>/<n>.png)."""
+def _digits_folder(root: Path, per_class: dict[str, int], suffix: str = "png") -> Path:
+    """The first images of each digit as 8x8 greyscale PNGs (or ``suffix`` files) in ImageNet layout
+    (root/<split>/<digit>/<n>.png)."""
     digits = load_digits()
     images = (digits.images * (255 / 16)).round().astype(np.uint8)
     taken = {label: 0 for label in range(10)}
@@ -38,7 +40,7 @@ def _digits_folder(root: Path, per_class: dict[str, int]) -> Path:
             for n in range(count):
                 position = np.flatnonzero(digits.target == label)[taken[label]]
                 taken[label] += 1
-                Image.fromarray(images[position], mode="L").save(folder / f"{n:03d}.png")
+                Image.fromarray(images[position], mode="L").save(folder / f"{n:03d}.{suffix}")
     return root
 
 
@@ -49,6 +51,14 @@ def digits_pack(tmp_path_factory) -> tuple[Path, Path]:
     pack = folder.parent / "pack"
     pack_folder(folder, pack, workers=2)
     return folder, pack
+
+
+@pytest.fixture(scope="module")
+def digits_jpeg_pack(tmp_path_factory) -> Path:
+    """The digits as greyscale JPEGs, packed: what the device decodes (augment.device_decode)."""
+    folder = _digits_folder(tmp_path_factory.mktemp("digits_jpeg") / "folder", {"train": 8, "val": 3}, "jpg")
+    pack_folder(folder, folder.parent / "pack", workers=1)
+    return folder.parent / "pack"
 
 
 def _files(root: Path, split: str) -> list[tuple[Path, int]]:
@@ -133,6 +143,20 @@ def test_shards_give_the_folders_training_stream_on_every_rank_and_any_workers(d
     assert _batches(ShardsDataModule(root=str(pack), num_workers=2, **common), 2, 1) == expected
 
 
+def test_device_decode_on_shards_gives_the_same_batches_with_any_workers(digits_jpeg_pack):
+    recipe = AugmentRecipe(**DEIT, device=True, device_decode=True)
+    common = dict(root=str(digits_jpeg_pack), image_size=16, batch_size=8, recipe=recipe, seed=5, pin_memory=False)
+    dm = ShardsDataModule(num_workers=0, **common)
+    dm.setup()
+    raw = next(iter(dm.train_loader(1, 0)))
+    assert raw[0].image.numel() == 0 and all(raw[0].params["jpeg"]) and not any(raw[0].params["decoded"])
+    in_process = _batches(dm)
+    assert len(set(in_process)) == len(in_process) > 2
+    assert _batches(ShardsDataModule(num_workers=2, **common)) == in_process
+    worker_decode = ShardsDataModule(num_workers=0, **{**common, "recipe": AugmentRecipe(**DEIT, device=True)})
+    assert _batches(worker_decode) != in_process  # another stream: pixels from another decoder and resize
+
+
 def _run_overrides(pack: Path, teacher_file: Path) -> list[str]:
     return [*(a for a in FAST_DIGITS if not a.startswith(("trainer.limit_train", "trainer.limit_val"))),
             "experiment=quickstart", "data=shards", f"data.root={pack}", "data.num_workers=0",
@@ -155,6 +179,21 @@ def test_resumed_run_on_shards_ends_with_the_uninterrupted_weights(tmp_path, dig
     overrides = _run_overrides(digits_pack[1], digits_teacher_file)
     train_preempted_then_resumed(overrides, tmp_path, monkeypatch)
     assert _same_weights(_weights(tmp_path / "whole"), _weights(tmp_path / "requeued"))
+
+
+def test_a_run_decoding_on_the_device_trains_on_a_pack_of_jpegs(tmp_path, digits_jpeg_pack, digits_teacher_file,
+                                                               monkeypatch):
+    decoded: list[int] = []
+    decode = DeviceFinish.decode
+    monkeypatch.setattr(DeviceFinish, "decode", lambda self, jpegs, *args: (
+        decoded.append(sum(map(bool, jpegs))), decode(self, jpegs, *args))[1])
+    overrides = [*_run_overrides(digits_jpeg_pack, digits_teacher_file), "augment.device=true",
+                 "augment.device_decode=true", "trainer.max_epochs=1"]
+    cfg = compose_config(overrides, tmp_path / "run")
+    train(cfg)
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert checkpoint["global_step"] == 3
+    assert len(decoded) >= 3 and set(decoded) == {cfg.data.batch_size}  # every image of every batch, on the device
 
 
 def test_teacher_cache_on_shards_is_read_back_exactly_also_from_a_moved_pack(tmp_path, digits_pack,

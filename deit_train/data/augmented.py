@@ -34,6 +34,7 @@ class AugmentedDataModule(ImageDataModule):
     """
 
     classes: list[str] | None = None
+    reads_files = False  # whether the train split hands the transform image files (augment.device_decode)
 
     def __init__(
         self,
@@ -62,6 +63,9 @@ class AugmentedDataModule(ImageDataModule):
         if self.recipe.device and not uint8_workers:
             raise ConfigError("augment.device=true needs data.uint8_workers=true (the device finishes uint8 crops)")
         self.uint8_workers = uint8_workers
+        if self.recipe.device_decode and not self.reads_files:
+            raise ConfigError(f"augment.device_decode=true decodes image files on the device, but {type(self).__name__}"
+                              " holds decoded images: use augment.device_decode=false")
 
     @property
     def encoded_train_images(self) -> bool:

@@ -17,6 +17,13 @@ ships the uint8 crop (a quarter of the bytes pinned and copied) with the sample'
   ``torchvision.transforms.v2.functional`` kernels, grouped by op. Pixels differ from the CPU path by resampling
   arithmetic (tensor kernels resample bilinearly where timm's PIL ops are bicubic; the reduced-DCT decode): a
   different stream, which the teacher cache keys separately (:func:`device_identity`).
+- **decode on the device too** (``augment.device_decode=true``, with ``augment.device=true``): the worker reads
+  the JPEG's bytes and header and makes every draw above from the header's size (no pixels: the RandAugment and
+  erasing draws need none), then ships the bytes and the draws. The device decodes the batch with
+  ``torchvision.io.decode_jpeg`` (nvjpeg on CUDA, libjpeg-turbo on CPU), crops and resizes (bicubic, antialiased)
+  and flips with ``torchvision.transforms.v2.functional``, then runs the stages above. A sample the device cannot
+  decode as the CPU path would (not a JPEG, CMYK, truncated: :meth:`EncodedImage.device_jpeg`) is decoded and
+  cropped in the worker as on the device path without it, and ships its crop.
 """
 from __future__ import annotations
 
@@ -35,9 +42,10 @@ from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_inter
 from torch import Tensor
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F1
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from deit_train.data.images import EncodedImage
+from deit_train.data.images import CorruptImageError, EncodedImage
 from deit_train.errors import ConfigError
 
 
@@ -72,10 +80,11 @@ class ErasingDraws:
         self.eraser.per_pixel = self.eraser.rand_color = False
         self.eraser.device = "cpu"
 
-    def __call__(self, image: Tensor) -> dict:
+    def __call__(self, shape: Sequence[int]) -> dict:
+        """The draws for an image of ``shape`` (channels, height, width)."""
         state = torch.random.get_rng_state()
         probe = _BoxProbe()
-        self.eraser._erase(probe, *image.shape[-3:], torch.float32)
+        self.eraser._erase(probe, *shape, torch.float32)
         boxes = np.zeros((self.eraser.max_count, 4), dtype=np.int32)
         for row, box in enumerate(probe.boxes):
             boxes[row] = box
@@ -107,6 +116,7 @@ class RecordedRandAugment:
             op.aug_fn = _RecordingOp(index, self._log)
 
     def __call__(self, img) -> dict:
+        """``img`` is never looked at (the ops record): None where the worker has no pixels (device decode)."""
         self._log.clear()
         self.randaugment(img)
         ops = np.full(self.num_layers, -1, dtype=np.int16)
@@ -119,16 +129,28 @@ class RecordedRandAugment:
 class DraftCropFlip:
     """timm's RandomResizedCrop (its ``get_params`` draws on the header's size) and torchvision's flip draw; a
     JPEG (:class:`EncodedImage`) is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps the crop at least
-    the output size, so a crop at least twice the output decodes a quarter of the pixels or fewer."""
+    the output size, so a crop at least twice the output decodes a quarter of the pixels or fewer.
+
+    ``device_decode``: a JPEG the device can decode (:meth:`EncodedImage.device_jpeg`) is not decoded here; the
+    call returns (None, record) with the file's bytes in ``record["jpeg"]``, and the device crops it
+    (:meth:`DeviceFinish.decode`). The draws are the same either way: the decode consumes none.
+    """
 
     def __init__(self, size: int, scale: Sequence[float], ratio: Sequence[float], interpolation: str,
-                 hflip: float) -> None:
+                 hflip: float, device_decode: bool = False) -> None:
         self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), tuple(ratio), hflip
         self.interpolation = str_to_interp_mode(interpolation)
+        self.device_decode = device_decode
 
-    def __call__(self, image) -> tuple[Image.Image, dict]:
+    def __call__(self, image) -> tuple[Image.Image | None, dict]:
         header = image.header if isinstance(image, EncodedImage) else image
         top, left, height, width = RandomResizedCropAndInterpolation.get_params(header, self.scale, self.ratio)
+        jpeg = image.device_jpeg() if self.device_decode and isinstance(image, EncodedImage) else None
+        if jpeg is not None:
+            flip = self.flip_draw()
+            return None, {"crop": torch.tensor([top, left, height, width], dtype=torch.int32),
+                          "flip": torch.tensor(flip), "reduction": torch.tensor(1, dtype=torch.int8),
+                          "jpeg": jpeg, "name": image.name}
         if isinstance(image, EncodedImage):
             full_w, full_h = header.size
             image, reduction = image.decode(at_least=(math.ceil(full_w * self.size / width),
@@ -140,12 +162,17 @@ class DraftCropFlip:
         else:
             box = (left / reduction, top / reduction, (left + width) / reduction, (top + height) / reduction)
             crop = image.resize((self.size, self.size), F1.pil_modes_mapping[self.interpolation], box=box)
-        flip = self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision RandomHorizontalFlip's draw
+        flip = self.flip_draw()
         if flip:
             crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         record = {"crop": torch.tensor([top, left, height, width], dtype=torch.int32), "flip": torch.tensor(flip),
                   "reduction": torch.tensor(reduction, dtype=torch.int8)}
+        if self.device_decode:  # every sample of a batch has the same keys (collation)
+            record.update(jpeg=b"", name=getattr(image, "name", ""))
         return crop, record
+
+    def flip_draw(self) -> bool:
+        return self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision RandomHorizontalFlip's draw
 
 
 class WorkerTransform:
@@ -170,17 +197,27 @@ class WorkerTransform:
             image, params = image
         if self.randaugment is not None:
             params.update(self.randaugment(image))
-        pixels = F1.pil_to_tensor(image)
+        pixels = F1.pil_to_tensor(image) if image is not None else None
         if self.erasing is not None:
-            params.update(self.erasing(pixels))
-        return DeviceImages(pixels, params)
+            params.update(self.erasing(pixels.shape if pixels is not None else (3, self.crop.size, self.crop.size)))
+        if "jpeg" not in params:
+            return DeviceImages(pixels, params)
+        # device decode: every image field is empty (the batch's images differ in size); a crop made here (a sample
+        # the device cannot decode) travels as bytes beside the JPEGs
+        params["decoded"] = pixels.numpy().tobytes() if pixels is not None else b""
+        return DeviceImages(_NO_PIXELS, params)
 
     def finish(self, mean: Sequence[float], std: Sequence[float]) -> "DeviceFinish":
         """The device side matching this worker side."""
         erasing = self.erasing
         return DeviceFinish(mean, std, self.randaugment.names if self.randaugment is not None else None,
                             self.randaugment.fill if self.randaugment is not None else (128, 128, 128),
-                            per_pixel=bool(erasing and erasing.per_pixel), rand_color=bool(erasing and erasing.rand_color))
+                            per_pixel=bool(erasing and erasing.per_pixel), rand_color=bool(erasing and erasing.rand_color),
+                            decode_size=self.crop.size if getattr(self.crop, "device_decode", False) else None)
+
+
+_NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # the image field of a device-decode sample; moved to the device,
+# it tells the device stage where the batch goes
 
 
 # ---- the device side -----------------------------------------------------------------------------------------
@@ -250,10 +287,13 @@ class DeviceFinish:
         op_names: the recipe's RandAugment op list (indices of ``ra_ops``), or None without device RandAugment.
         fill: RandAugment's fill colour (timm: the mean in 0-255).
         per_pixel, rand_color: timm RandomErasing's fill (``pixel`` mode, ``rand`` mode; neither: zeros).
+        decode_size: the output size when the batch arrives as JPEG bytes (``augment.device_decode``), else None.
     """
 
     def __init__(self, mean: Sequence[float], std: Sequence[float], op_names: Sequence[str] | None = None,
-                 fill: Sequence[float] = (128, 128, 128), per_pixel: bool = True, rand_color: bool = False) -> None:
+                 fill: Sequence[float] = (128, 128, 128), per_pixel: bool = True, rand_color: bool = False,
+                 decode_size: int | None = None) -> None:
+        self.decode_size = decode_size
         self.mean, self.std = [float(m) for m in mean], [float(s) for s in std]
         self.op_names = list(op_names) if op_names is not None else None
         self.fill = [float(f) for f in fill]
@@ -266,8 +306,13 @@ class DeviceFinish:
                                           for k, v in batch.params.items()})
 
     def __call__(self, batch: DeviceImages) -> Tensor:
-        params = {k: v.cpu().numpy() if isinstance(v, Tensor) else np.asarray(v) for k, v in batch.params.items()}
+        params = dict(batch.params)
+        encoded = {key: params.pop(key) for key in ("jpeg", "decoded", "name") if key in params}  # lists of bytes
+        params = {k: v.cpu().numpy() if isinstance(v, Tensor) else np.asarray(v) for k, v in params.items()}
         images = batch.image
+        if encoded:
+            images = self.decode(encoded["jpeg"], encoded["decoded"], encoded["name"], params["crop"],
+                                 params["flip"], images.device)
         if self.op_names is not None and "ra_ops" in params:
             images = self.rand_augment(images, params["ra_ops"], params["ra_args"])
         # torchvision v1 ToTensor's arithmetic (divide by 255; v2's ToDtype multiplies by 1/255: not the same bits)
@@ -275,6 +320,44 @@ class DeviceFinish:
         if "erase_boxes" in params:
             self.erase(images, params["erase_boxes"], params["erase_rng"])
         return images
+
+    def decode(self, jpegs: Sequence[bytes], decoded: Sequence[bytes], names: Sequence[str], crops: np.ndarray,
+               flips: np.ndarray, device: torch.device) -> Tensor:
+        """uint8 (N, 3, size, size) crops: the JPEGs decoded in one batched call on ``device``, each cropped to its
+        box and resized (bicubic, antialiased, as PIL's resize filters) and flipped as drawn; the crops the workers
+        made (``decoded``, where ``jpegs`` is empty) as they are."""
+        size = self.decode_size
+        out = torch.empty((len(jpegs), 3, size, size), dtype=torch.uint8, device=device)
+        todo = [i for i, data in enumerate(jpegs) if data]
+        if todo:
+            for i, image in zip(todo, self._decode_jpegs([jpegs[i] for i in todo], [names[i] for i in todo],
+                                                         device)):
+                top, left, height, width = (int(v) for v in crops[i])
+                crop = F.resized_crop(image, top, left, height, width, [size, size],
+                                      interpolation=InterpolationMode.BICUBIC, antialias=True)
+                out[i] = F.horizontal_flip(crop) if flips[i] else crop
+        for i, data in enumerate(decoded):
+            if data:
+                out[i] = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, size, size).to(device)
+        return out
+
+    @staticmethod
+    def _decode_jpegs(jpegs: Sequence[bytes], names: Sequence[str], device: torch.device) -> list[Tensor]:
+        """``decode_jpeg`` of the batch (EXIF orientation ignored, as the CPU path's PIL decode does); a file it
+        cannot decode stops the run with one line naming it (decoded one by one to find it)."""
+        tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+        try:
+            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            for tensor, name in zip(tensors, names):
+                try:
+                    decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+                except RuntimeError as exc:
+                    cause = str(exc).strip().splitlines()[-1].rsplit(", ", 1)[-1]  # not the C++ source position
+                    raise CorruptImageError(f"{CorruptImageError._MARKER}{name} on the device ({cause}): delete or "
+                                            "replace the file, or decode in the workers (augment.device_decode=false"
+                                            ", which data.skip_corrupt=true can skip)") from exc
+            raise
 
     def rand_augment(self, images: Tensor, ops: np.ndarray, args: np.ndarray) -> Tensor:
         images = images.clone()
@@ -311,12 +394,17 @@ class DeviceFinish:
                     images[sample, :, top:top + height, left:left + width] = pixels.to(images.device)
 
 
-def device_identity(device: torch.device | str) -> dict:
-    """What the device path's pixels depend on beyond the recipe: the kernels' library versions and the device."""
+def device_identity(device: torch.device | str, decode: bool = False) -> dict:
+    """What the device path's pixels depend on beyond the recipe: the kernels' library versions and the device;
+    with ``decode``, the JPEG decoder too (nvjpeg and libjpeg-turbo round differently)."""
     device = torch.device(device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return {"backend": "torchvision.transforms.v2.functional", "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "device": name}
+    identity = {"backend": "torchvision.transforms.v2.functional", "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "device": name}
+    if decode:
+        decoder = "nvjpeg" if device.type == "cuda" else "libjpeg-turbo"
+        identity["decode"] = f"torchvision.io.decode_jpeg ({decoder}), resized_crop bicubic antialias"
+    return identity
 
 
 def check_device_recipe(auto_augment: str | None, train_crop: str, interpolation_random: bool) -> None:

@@ -139,6 +139,8 @@ class HFDataModule(AugmentedDataModule):
         shuffle_buffer: example buffer of the streamed train shuffle.
     """
 
+    reads_files = True
+
     def __init__(
         self,
         path: str | None = None,

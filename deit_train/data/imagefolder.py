@@ -24,6 +24,8 @@ class ImageFolderDataModule(AugmentedDataModule):
     ImageNet has no labelled test split, so ``test`` evaluates the ``val`` folder.
     """
 
+    reads_files = True
+
     def __init__(
         self,
         root: str | None = None,

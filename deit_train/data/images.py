@@ -95,6 +95,7 @@ class EncodedImage:
 
     def __init__(self, source: str | os.PathLike | bytes, name: str | None = None) -> None:
         self.name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+        self.source = source
         try:
             self.header = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
         except _DECODE_ERRORS as exc:
@@ -117,6 +118,21 @@ class EncodedImage:
                 return to_rgb(image), round(width / drafted[1][2]) if drafted else 1
         except _DECODE_ERRORS as exc:
             raise corrupt_image_error(self.name, exc) from exc
+
+
+    def device_jpeg(self) -> bytes | None:
+        """The file's bytes when the device can decode them as the CPU path would: a complete JPEG (ending in its
+        EOI marker) of RGB or greyscale pixels; else None (the worker decodes it). Without EXIF rotation, as
+        :func:`load_rgb`. A CMYK/YCCK JPEG stays on the worker (libjpeg-turbo agrees with PIL on it, nvjpeg's
+        conversion is not PIL's); a truncated file stays there so it fails (or is skipped) exactly as on the CPU
+        path."""
+        if self.header.format != "JPEG" or self.header.mode not in ("RGB", "L"):
+            return None
+        data = self.source if isinstance(self.source, bytes) else Path(self.source).read_bytes()
+        if data.rstrip(b"\0")[-2:] != b"\xff\xd9":
+            return None
+        self.header.close()  # the worker does not decode it: no file left open per sample
+        return data
 
 
 def encoded_image(path: str) -> EncodedImage:

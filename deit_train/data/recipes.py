@@ -54,6 +54,10 @@ class AugmentRecipe:
             reduced DCT scale where the crop allows), crop, flip and draw the ops; the device applies them. Same
             draws as the CPU path, pixels within resampling arithmetic of it: another stream. Off: the exact CPU
             path.
+        device_decode: with ``device``, the device also decodes the JPEGs (``torchvision.io.decode_jpeg``: nvjpeg
+            on CUDA), crops, resizes and flips them; the workers read the bytes and make the same draws from the
+            header's size. For sources of image files (folders, packs, HF); a stream of its own (the decoder is
+            part of the teacher cache's key).
         repeated_aug_one_process: also on one process, as the official ``main.py`` does (its ``RASampler`` sits
             under ``if True:  # args.distributed``). There the copies of an image are neighbours in one batch
             (``[a, a, a, b, b, b, ...]``: batch augmentation, not copies spread over GPUs) and an epoch of the
@@ -83,6 +87,7 @@ class AugmentRecipe:
         repeated_aug_full_epoch: bool = False,
         device: bool = False,
         repeated_aug_one_process: bool = False,
+        device_decode: bool = False,
     ) -> None:
         if train_crop not in ("rrc", "src", "none"):
             raise ConfigError(f"augment.train_crop={train_crop!r}: use rrc, src or none")
@@ -102,6 +107,10 @@ class AugmentRecipe:
         self.repeated_aug_full_epoch = repeated_aug_full_epoch
         self.repeated_aug_one_process = repeated_aug_one_process
         self.device = bool(device)
+        self.device_decode = bool(device_decode)
+        if self.device_decode and not self.device:
+            raise ConfigError("augment.device_decode=true needs augment.device=true (it decodes for the device "
+                              "path): add augment.device=true")
         if self.device:
             self._check_device()
 
@@ -161,7 +170,8 @@ class AugmentRecipe:
             return WorkerTransform(transforms.Compose(crop + colour), erasing=draws)
         check_device_recipe(self.auto_augment, self.train_crop, interpolation_random=interpolation == "random")
         randaugment = next((t for t in colour if isinstance(t, RandAugment)), None)
-        return WorkerTransform(DraftCropFlip(image_size, self.scale, self.ratio, interpolation, self.hflip),
+        return WorkerTransform(DraftCropFlip(image_size, self.scale, self.ratio, interpolation, self.hflip,
+                                             device_decode=self.device_decode),
                                RecordedRandAugment(randaugment) if randaugment is not None else None, draws)
 
     def mixup(self, num_classes: int) -> Mixup | None:

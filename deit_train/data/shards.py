@@ -115,6 +115,8 @@ class ShardsDataModule(AugmentedDataModule):
     ``test`` evaluates the pack's ``test`` split when it has one, else ``val`` (as ImageNet folders do).
     """
 
+    reads_files = True
+
     def __init__(
         self,
         root: str | None = None,

@@ -126,7 +126,10 @@ def run_fingerprint(cfg: DictConfig, datamodule, teacher: nn.Module, world_size:
         data.pop("root", None)
     augment = OmegaConf.to_container(cfg.augment, resolve=True) if cfg.get("augment") is not None else None
     device_augment = bool(augment.pop("device", False)) if augment is not None else False
-    extra = {"device_augment": device_identity(_run_device(datamodule, teacher))} if device_augment else {}
+    # popped whatever its value, so CPU-path fingerprints stay what they were before the option existed
+    device_decode = bool(augment.pop("device_decode", False)) if augment is not None else False
+    extra = ({"device_augment": device_identity(_run_device(datamodule, teacher), decode=device_decode)}
+             if device_augment else {})
     return {
         **extra,
         "format": FORMAT_VERSION,
