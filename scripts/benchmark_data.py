@@ -11,11 +11,14 @@ so other load on the machine slows them less than wall-clock rates (they stay no
     folder (deit, today)        + to tensor, normalise, random erasing: today's CPU path, float32 out
     folder + uint8 workers      the worker side of data.uint8_workers=true (uint8 out + erasing draws)
     folder + device RandAugment the worker side of augment.device=true (reduced-DCT decode, crop, flip, draws)
+    folder + device decode      ... with augment.device_decode=true (read the bytes and header, draws; no pixels)
     shards (deit, today)        today's CPU path reading a pack (python -m deit_train.pack, max_side 512) by index
     shards + uint8 workers      ... the uint8 worker side
     shards + device RandAugment ... the device path's worker side
+    shards + device decode      ... the worker side of augment.device_decode=true
     device stage (CPU tensors)  what the device does after the transfer (RandAugment kernels, normalise, erasing),
                                 timed on CPU tensors in batches of --device-batch (on a GPU it costs GPU time)
+    device stage with decode    ... plus decode_jpeg (libjpeg-turbo here, nvjpeg on CUDA), crop-resize and flip
     baseline                    torchvision's plain decode + RandomResizedCrop(224) + PILToTensor
 
 Each row's ratio is against ``folder (deit, today)``; "cores/node" = CPU cores an 8-GPU node needs to feed
@@ -103,12 +106,13 @@ def write_pack(paths: list[Path], folder: Path, max_side: int) -> tuple[Path, fl
 
 
 def shard_pipelines(pack: Path, size: int) -> dict:
-    """The three worker paths reading the pack's train split by index."""
+    """The worker paths reading the pack's train split by index."""
     from deit_train.data.shards import ShardsDataModule
 
     rows = {"shards (deit, today)": (AugmentRecipe(**DEIT), False),
             "shards + uint8 workers": (AugmentRecipe(**DEIT), True),
-            "shards + device RandAugment (CPU share)": (AugmentRecipe(**DEIT, device=True), True)}
+            "shards + device RandAugment (CPU share)": (AugmentRecipe(**DEIT, device=True), True),
+            "shards + device decode (CPU share)": (AugmentRecipe(**DEIT, device=True, device_decode=True), True)}
     pipelines = {}
     for name, (recipe, uint8) in rows.items():
         dm = ShardsDataModule(root=str(pack), image_size=size, num_workers=0, recipe=recipe, uint8_workers=uint8)
@@ -127,9 +131,10 @@ def stage_pipelines(size: int) -> dict:
     return {name: (lambda tf: lambda p: tf(load_rgb(p)))(transforms.Compose(steps)) for name, steps in cut.items()}
 
 
-def device_stage_rate(paths: list[Path], size: int, batch: int, rounds: int) -> float:
-    """The device path's after-transfer work on CPU tensors: img/s per core (one thread)."""
-    worker = AugmentRecipe(**DEIT, device=True).worker_transform(size, MEAN, STD)
+def device_stage_rate(paths: list[Path], size: int, batch: int, rounds: int, decode: bool = False) -> float:
+    """The device path's after-transfer work on CPU tensors (``decode``: from the JPEG bytes): img/s per core (one
+    thread)."""
+    worker = AugmentRecipe(**DEIT, device=True, device_decode=decode).worker_transform(size, MEAN, STD)
     finish = worker.finish(MEAN, STD)
     samples = []
     for seed in range(batch):
@@ -165,6 +170,8 @@ def main() -> None:
     pipelines["folder + uint8 workers"] = lambda p: uint8(load_rgb(p))
     device = AugmentRecipe(**DEIT, device=True).worker_transform(size, MEAN, STD)
     pipelines["folder + device RandAugment (CPU share)"] = lambda p: device(EncodedImage(p))
+    decode = AugmentRecipe(**DEIT, device=True, device_decode=True).worker_transform(size, MEAN, STD)
+    pipelines["folder + device decode (CPU share)"] = lambda p: decode(EncodedImage(p))
     baseline_tf = transforms.Compose([transforms.RandomResizedCrop(size), transforms.PILToTensor()])
     pipelines["baseline (torchvision decode+RRC)"] = lambda p: baseline_tf(Image.open(p).convert("RGB"))
 
@@ -179,6 +186,8 @@ def main() -> None:
             rates.update({name: per_core_rate(indices, fn, args.rounds)
                           for name, fn in shard_pipelines(pack, size).items()})
         rates["device stage (CPU tensors)"] = device_stage_rate(paths, size, args.device_batch, max(1, args.rounds))
+        rates["device stage with decode (CPU tensors)"] = device_stage_rate(paths, size, args.device_batch,
+                                                                            max(1, args.rounds), decode=True)
 
     reference = rates[REFERENCE]
     node_rate = 8 * args.gpu_rate

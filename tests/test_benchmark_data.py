@@ -13,7 +13,8 @@ from conftest import ROOT
 
 PATHS = ["decode", "decode+crop+flip", "+RandAugment", "folder (deit, today)", "folder + uint8 workers",
          "folder + device RandAugment (CPU share)", "shards (deit, today)", "shards + uint8 workers",
-         "shards + device RandAugment (CPU share)", "device stage (CPU tensors)"]
+         "shards + device RandAugment (CPU share)", "device stage (CPU tensors)", "folder + device decode (CPU share)",
+         "shards + device decode (CPU share)", "device stage with decode (CPU tensors)"]
 
 
 def test_benchmark_data_writes_every_paths_rate_ratio_and_node_cores(tmp_path):
@@ -33,3 +34,4 @@ def test_benchmark_data_writes_every_paths_rate_ratio_and_node_cores(tmp_path):
     assert result["pack_img_per_s"] > 0
     table = out_md.read_text()
     assert "| shards + device RandAugment (CPU share) |" in table and "cores/node" in table
+    assert "| shards + device decode (CPU share) |" in table
