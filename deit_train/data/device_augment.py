@@ -172,7 +172,8 @@ class DraftCropFlip:
         return crop, record
 
     def flip_draw(self) -> bool:
-        return self.hflip > 0 and bool(torch.rand(1) < self.hflip)  # torchvision RandomHorizontalFlip's draw
+        """torchvision ``RandomHorizontalFlip``'s draw, after the crop box's (as the CPU path draws them)."""
+        return self.hflip > 0 and bool(torch.rand(1) < self.hflip)
 
 
 class WorkerTransform:
@@ -212,7 +213,8 @@ class WorkerTransform:
         erasing = self.erasing
         return DeviceFinish(mean, std, self.randaugment.names if self.randaugment is not None else None,
                             self.randaugment.fill if self.randaugment is not None else (128, 128, 128),
-                            per_pixel=bool(erasing and erasing.per_pixel), rand_color=bool(erasing and erasing.rand_color),
+                            per_pixel=bool(erasing and erasing.per_pixel),
+                            rand_color=bool(erasing and erasing.rand_color),
                             decode_size=self.crop.size if getattr(self.crop, "device_decode", False) else None)
 
 
