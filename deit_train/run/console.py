@@ -29,6 +29,9 @@ SILENCED_WARNINGS = (
     r"The number of training batches \(\d+\) is smaller than the logging interval",
     # epoch-level train metrics are each rank's own mean on purpose; val/test metrics sync through torchmetrics
     r"It is recommended to use `self.log\('train/",
+    # augment.device_decode decodes with torchvision.io.decode_jpeg, which torchvision 0.29 deprecates in favour of
+    # TorchCodec; it still decodes bit-identically to PIL here, and the user has nothing to change
+    r"The image decoding and encoding capabilities of TorchVision are deprecated",
 )
 # logging records: (logger name, message pattern)
 SILENCED_LOG_RECORDS = (
