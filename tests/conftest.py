@@ -15,6 +15,12 @@ from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 
+# Under pytest-xdist (`-n`) each worker gets its share of the cores, set before torch starts its thread pool and
+# inherited by the CLI runs it starts: two workers of two threads each on two cores spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _cores = len(os.sched_getaffinity(0))
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _cores // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
 import pytest
 import timm
 import torch

@@ -1,9 +1,10 @@
-"""Every ``debug=`` config runs end to end on a cheap experiment (digits, a tiny student), not only composes."""
+"""Every ``debug=`` config runs end to end on a cheap experiment (digits, a tiny student), not only composes; in
+process, through the CLI's own entry (exit status and console as a process's)."""
 from __future__ import annotations
 
 import pytest
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, run_cli_in_process
 
 DEBUG_CONFIGS = sorted(path.stem for path in (ROOT / "configs" / "debug").glob("*.yaml"))
 # the quickstart at 16 px with a 2-block student on a fifth of the digits; the debug configs keep their own
@@ -20,7 +21,7 @@ def test_every_debug_config_is_covered():
 
 @pytest.mark.parametrize("debug", DEBUG_CONFIGS)
 def test_debug_config_runs_end_to_end(tmp_path, digits_teacher_file, debug):
-    proc = run_cli(["experiment=quickstart", f"debug={debug}", f"teacher.checkpoint={digits_teacher_file}",
+    proc = run_cli_in_process(["experiment=quickstart", f"debug={debug}", f"teacher.checkpoint={digits_teacher_file}",
                     "teacher.min_val_top1=0", *TINY, *SHORTER.get(debug, [])], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

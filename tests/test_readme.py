@@ -128,7 +128,7 @@ CHECKS: dict[str, tuple[str, str]] = {
         ("compose", "a pack of ImageNet"),
     "python scripts/benchmark_pack.py --num-images 1000": ("not run", "a timed benchmark (minutes here)"),
     "scancel --signal=USR1 <job id>":
-        ("elsewhere", "test_slurm_requeue_signal.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
+        ("elsewhere", "test_slurm.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
     "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
     "python scripts/gpu_smoke.py --rows distill,compiled --keep smoke_runs":
         ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),

@@ -1,10 +1,11 @@
 """The run-directory guard compares the values a run used, resolved: ``data.seed: ${seed}`` and
-``teacher.checkpoint: ${paths.cache_dir}/...`` read the same for every seed and every cache directory."""
+``teacher.checkpoint: ${paths.cache_dir}/...`` read the same for every seed and every cache directory. The runs
+are in-process: the guard is the CLI's own preflight, and its exit status and last line are what a process shows."""
 from __future__ import annotations
 
 import shutil
 
-from conftest import FAST_DIGITS, run_cli
+from conftest import FAST_DIGITS, run_cli_in_process
 
 ARGS = ["experiment=quickstart", "teacher.min_val_top1=0", *FAST_DIGITS, "trainer.max_epochs=1",
         "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "test=false", "trainer.num_sanity_val_steps=0"]
@@ -24,17 +25,17 @@ def _snapshot(run):
 
 def test_another_seed_or_cache_directory_in_the_same_run_dir_is_refused(tmp_path, digits_teacher_file):
     run, cache = tmp_path / "run", _cache(tmp_path, "cache", digits_teacher_file)
-    first = run_cli(ARGS, run, cache)
+    first = run_cli_in_process(ARGS, run, cache)
     assert first.returncode == 0, first.stderr[-3000:]
     before = _snapshot(run)
 
-    other_seed = run_cli([*ARGS, "seed=1"], run, cache)
+    other_seed = run_cli_in_process([*ARGS, "seed=1"], run, cache)
     assert other_seed.returncode == 2 and "Traceback" not in other_seed.stderr, other_seed.stderr[-3000:]
     assert other_seed.stderr.strip().splitlines()[-1].startswith(
         f"error: run directory {run} holds a run with another config (data.seed: 42 -> 1")
 
     moved = _cache(tmp_path, "elsewhere", digits_teacher_file)  # DEIT_TRAIN_CACHE points elsewhere
-    other_cache = run_cli(ARGS, run, moved)
+    other_cache = run_cli_in_process(ARGS, run, moved)
     assert other_cache.returncode == 2 and "Traceback" not in other_cache.stderr, other_cache.stderr[-3000:]
     assert (f"teacher.checkpoint: {cache}/teachers/regnetx_002_digits.pth -> {moved}/teachers/regnetx_002_digits.pth"
             in other_cache.stderr.strip().splitlines()[-1])
