@@ -1,8 +1,8 @@
 """The GPU smoke check: every path a first GPU run takes, through the CLI, in under 8 minutes on one GPU.
 
-Each row is one ``python -m deit_train`` run on ``data=fake`` (2 epochs, the last timed, validation on) of a DeiT-S
-student distilled from a random-weight RegNetY-16GF teacher file (``timm.create_model("regnety_160")`` saved
-locally; nothing is downloaded):
+Each row is one ``python -m deit_train`` run on ``data=fake`` (2 epochs, the last timed, validation on; the tiny
+form's one epoch times nothing) of a DeiT-S student distilled from a random-weight RegNetY-16GF teacher file
+(``timm.create_model("regnety_160")`` saved locally; nothing is downloaded):
 
     plain            no distillation, bf16-mixed (the teacher share's reference)
     distill          bf16-mixed, teacher eager
@@ -71,10 +71,10 @@ def rows(cache_dir: Path, gpus: int) -> list[Row]:
     return table
 
 
-def common_overrides(tiny: bool, steps: int, batch_size: int) -> list[str]:
+def common_overrides(tiny: bool, steps: int, batch_size: int, epochs: int = 2) -> list[str]:
     """The settings every row shares: full DeiT-S @224 on a GPU, or a tiny student on the CPU (--tiny)."""
-    common = ["data=fake", f"data.batch_size={batch_size}",
-              f"data.num_train={batch_size * steps}", f"data.num_val={batch_size * 2}", "trainer.max_epochs=2",
+    common = ["data=fake", f"data.batch_size={batch_size}", f"data.num_train={batch_size * steps}",
+              f"data.num_val={batch_size * 2}", f"trainer.max_epochs={epochs}",
               "trainer.limit_val_batches=2", "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1",
               "trainer.enable_progress_bar=false", "test=false", "optim.warmup_epochs=0", "optim.min_lr=1e-6"]
     if tiny:
@@ -133,12 +133,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="the reduced CPU form: tiny student and teacher")
     parser.add_argument("--steps", type=int, default=None, help="training steps per epoch (default 30; tiny 2)")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="epochs per row, the last timed (default 2: the first warms up; tiny 1: no timing)")
     parser.add_argument("--batch-size", type=int, default=None, help="per device (default 64; tiny 4)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary folder)")
     args = parser.parse_args(argv)
     steps = args.steps or (2 if args.tiny else 30)
+    epochs = args.epochs or (1 if args.tiny else 2)
     batch_size = args.batch_size or (4 if args.tiny else 64)
     gpus = 0 if args.tiny else torch.cuda.device_count()
     if not args.tiny and gpus == 0:
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp).resolve()
         teacher_file = random_teacher_file(workdir / "teacher.pth", "regnetx_002" if args.tiny else "regnety_160")
-        common = common_overrides(args.tiny, steps, batch_size)
+        common = common_overrides(args.tiny, steps, batch_size, epochs)
         selected = [r for r in rows(workdir / "logit_cache", gpus)
                     if not args.rows or r.name in args.rows.split(",")]
         results = []
@@ -155,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(row, common, teacher_file, workdir))
             print(f"{row.name}: exit {results[-1]['exit']} in {results[-1]['wall_s']} s", flush=True)
     device = "CPU (tiny form)" if args.tiny else f"{gpus} x {torch.cuda.get_device_name()}"
-    print(f"\nGPU smoke check: {device}, torch {torch.__version__}, batch {batch_size}, {steps} steps x 2 epochs\n")
+    print(f"\nGPU smoke check: {device}, torch {torch.__version__}, batch {batch_size}, "
+          f"{steps} steps x {epochs} epochs\n")
     print(table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))

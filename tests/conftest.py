@@ -275,3 +275,4 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
     monkeypatch.setattr(DistillationLoss, "forward", original)
     assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
     return whole, train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
+
