@@ -1,6 +1,7 @@
 """The comparison's figures: val top-1 curves per run, and per group (mean ± std, test top-1 with its interval)."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 from deit_train.compare.runs import Run
@@ -37,6 +38,11 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
     return save_figure(fig, out)
 
 
+def _wrapped(name: str, width: int) -> str:
+    """A group name over lines of at most ``width`` characters, broken between its key=value parts."""
+    return "\n".join(textwrap.wrap(name, width)) or name
+
+
 def plot_groups(groups: list[RunGroup], out: Path) -> Path:
     """Left: val top-1 of the prediction per epoch, mean over each group's runs with a ± std band. Right: each
     group's test top-1 (val top-1 final without a test) as mean with its 95 % confidence interval."""
@@ -48,6 +54,10 @@ def plot_groups(groups: list[RunGroup], out: Path) -> Path:
 
     fig, (curves, bars) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [3, 2]})
     metric = "test top-1" if any(g.values("test top-1") for g in groups) else "top-1 final"
+    # long names (--group-by's key=value per key) do not fit under the bars: there they are numbered, and the legend
+    # says which number is which group
+    numbered = any(len(g.name) > 30 for g in groups)
+    tags = [f"{i + 1}. " if numbered else "" for i in range(len(groups))]
     for index, group in enumerate(groups):
         color = f"C{index % 10}"
         per_epoch: dict[int, list[float]] = {}
@@ -58,7 +68,8 @@ def plot_groups(groups: list[RunGroup], out: Path) -> Path:
         if epochs:
             mean = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
             std = [describe(per_epoch[e]).std or 0.0 for e in epochs]
-            curves.plot(epochs, mean, color=color, label=f"{group.name} (n={len(group.runs)})")
+            label = f"{tags[index]}{_wrapped(group.name, 60)} (n={len(group.runs)})"
+            curves.plot(epochs, mean, color=color, label=label)
             curves.fill_between(epochs, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
                                 color=color, alpha=0.2)
         values = group.values(metric)
@@ -71,8 +82,11 @@ def plot_groups(groups: list[RunGroup], out: Path) -> Path:
     curves.xaxis.set_major_locator(MaxNLocator(integer=True))
     curves.set(xlabel="epoch", ylabel="val top-1", title="val top-1: mean ± std over seeds")
     curves.grid(alpha=0.3)
-    curves.legend(fontsize="small")
-    bars.set_xticks(range(len(groups)), [g.name for g in groups], rotation=30, ha="right", fontsize="small")
+    # below the curves, not on them: --group-by names (key=value per key) are long, and a sweep has many groups
+    curves.legend(fontsize="small", loc="upper left", bbox_to_anchor=(0.0, -0.2), ncol=2 if len(groups) > 4 else 1)
+    labels = [str(i + 1) for i in range(len(groups))] if numbered else [g.name for g in groups]
+    bars.set_xticks(range(len(groups)), labels, rotation=0 if numbered else 30, ha="center" if numbered else "right",
+                    fontsize="small")
     bars.set(ylabel=metric, title=f"{metric}: mean, 95 % CI, runs (dots)")
     bars.grid(alpha=0.3, axis="y")
     return save_figure(fig, out)

@@ -12,10 +12,10 @@ def save_figure(fig, out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():  # long run names in a legend: the layout stays as it is, the PNG is fine
+    with warnings.catch_warnings():  # long run names in a legend: the layout stays as it is
         warnings.filterwarnings("ignore", message="Tight layout not applied")
         fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # legends placed outside the axes are kept in the PNG
     plt.close(fig)
     return out
 
