@@ -277,7 +277,6 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
     return whole, train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
 
 
-
 # ---- the order of the test files -------------------------------------------------------------------------------
 # Under pytest-xdist (--dist loadfile, without its reorder by test count) workers take files in collection order.
 # The longest files go first (longest-processing-time-first), so that no worker starts one of them when the others

@@ -39,8 +39,8 @@ def plot_curves(runs: list[Run], out: Path) -> Path:
 
 
 def _wrapped(name: str, width: int) -> str:
-    """A group name over lines of at most ``width`` characters, broken between its key=value parts."""
-    return "\n".join(textwrap.wrap(name, width)) or name
+    """A group name over lines of about ``width`` characters, broken only between its key=value parts."""
+    return "\n".join(textwrap.wrap(name, width, break_long_words=False))
 
 
 def plot_groups(groups: list[RunGroup], out: Path) -> Path:
