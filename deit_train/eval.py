@@ -36,6 +36,7 @@ from deit_train.models.deit import average_heads, forward_heads
 from deit_train.modules.metrics import EvalMetrics
 from deit_train.run.any_checkpoint import EvalModel, load_for_eval
 from deit_train.run.cli import parse_args
+from deit_train.run.environment import freeze_imported_objects
 from deit_train.run.trained_model import Preprocessing
 
 USAGE = """usage: python -m deit_train.eval ckpt=<file or directory> [data=<name> data.root=<dir>] [model=<size>]
@@ -239,6 +240,7 @@ def split_group_choices(argv: Sequence[str]) -> tuple[dict[str, str], list[str]]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    freeze_imported_objects()
     with one_line_errors():
         choices, rest = split_group_choices(sys.argv[1:] if argv is None else argv)
         cfg: DictConfig = parse_args(DEFAULTS, rest, USAGE)

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from deit_train.data.pack import PackSource, write_pack
 from deit_train.errors import ConfigError, one_line_errors
 from deit_train.run.config import CONFIG_DIR, register_resolvers
+from deit_train.run.environment import freeze_imported_objects
 
 
 def compose_pack_config(overrides: Sequence[str]) -> DictConfig:
@@ -46,8 +47,14 @@ def pack(cfg: DictConfig) -> dict:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    freeze_imported_objects()
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__.split("\n\nPhases")[0].replace("``", "") + "\nOptions: configs/pack.yaml (out=, pack.*) and the "
+              "data group of configs/train.yaml (data=<source>, data.*).")
+        sys.exit(0)
     with one_line_errors():
-        cfg = compose_pack_config(sys.argv[1:] if argv is None else argv)
+        cfg = compose_pack_config(argv)
         meta = pack(cfg)
     counts = ", ".join(f"{name} {info['count']} ({info['kinds']['resized']} resized, {info['kinds']['unreadable']} "
                        "unreadable)" for name, info in meta["splits"].items())

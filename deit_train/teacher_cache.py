@@ -22,6 +22,7 @@ from tqdm import tqdm
 from deit_train.run.config import CONFIG_DIR
 from deit_train.data.stream import seed_globals, step_seed
 from deit_train.errors import ConfigError, one_line_errors
+from deit_train.run.environment import freeze_imported_objects
 from deit_train.teacher.cache import TeacherLogitCache, build_teacher
 
 log = logging.getLogger("deit_train")
@@ -105,11 +106,17 @@ def fill_cache(cfg: DictConfig, progress: bool = True) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def fill_from_command_line(cfg: DictConfig) -> None:
     with one_line_errors():
         result = fill_cache(cfg, progress=cfg.trainer.get("enable_progress_bar", True))
     print(f"teacher cache {result['entry']}: {result['computed']} shard(s) computed, {result['cached']} already "
           f"there ({result['bytes_per_epoch'] / 2**20:.2f} MiB per epoch)")
+
+
+def main() -> None:
+    """The command line: ``deit-teacher-cache`` or ``python -m deit_train.teacher_cache``."""
+    freeze_imported_objects()  # before Hydra, which may exit (--help) without calling the function
+    fill_from_command_line()
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from deit_train.run.config import CONFIG_DIR
+from deit_train.run.environment import freeze_imported_objects
+
+freeze_imported_objects()  # as every command does: the collector's passes skip the imports in each test process
 
 ROOT = Path(__file__).resolve().parents[1]
 

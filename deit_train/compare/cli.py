@@ -13,11 +13,13 @@ from deit_train.compare.runs import find_runs, load_wandb_online
 from deit_train.compare.statistics import find_baselines, group_runs
 from deit_train.compare.tables import print_comparison, print_disagreement, print_group_comparison
 from deit_train.errors import ConfigError
+from deit_train.run.environment import freeze_imported_objects
 
 DEFAULT_RUN_FOLDERS = (Path("outputs"), Path("multirun"))
 
 
 def main(argv: list[str] | None = None) -> int:
+    freeze_imported_objects()
     parser = argparse.ArgumentParser(
         prog="compare_runs.py", description=__doc__.split("\n\n")[0],
         epilog="examples: compare_runs.py outputs/quickstart | compare_runs.py outputs/a outputs/b --out cmp.png | "

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 
 from deit_train.errors import ConfigError, one_line_errors
+from deit_train.run.environment import freeze_imported_objects
 
 
 def parse_args(defaults: dict, argv: Sequence[str], usage: str) -> DictConfig:
@@ -47,5 +48,6 @@ def _is_number(value) -> bool:
 def run_main(main: Callable[[DictConfig], object], defaults: dict, usage: str,
              argv: Sequence[str] | None = None) -> None:
     """Parse, run, and turn user errors into one ``error: ...`` line with exit status 2."""
+    freeze_imported_objects()
     with one_line_errors():
         main(parse_args(defaults, sys.argv[1:] if argv is None else argv, usage))

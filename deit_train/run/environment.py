@@ -1,6 +1,8 @@
-"""The machine a run starts on: CPU threads as Slurm granted them, and whether the asked-for accelerator exists."""
+"""The process and machine a run starts on: its imported objects set aside from the garbage collector, CPU threads
+as Slurm granted them, and whether the asked-for accelerator exists."""
 from __future__ import annotations
 
+import gc
 import logging
 import os
 from collections.abc import MutableMapping
@@ -10,6 +12,20 @@ import torch
 from deit_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+
+def freeze_imported_objects() -> None:
+    """Move the objects alive now (the imports: ~600k of torch, Lightning, timm, Hydra) out of the garbage
+    collector's reach, once per process, at the start of a command.
+
+    They live until the process exits, yet each full collection walks them all and the interpreter's exit walks them
+    again: 2.4 s of a 10 s digits run on one core. Frozen, forked DataLoader workers also leave their pages shared
+    (the collector writes to what it walks). Python's gc documentation recommends ``gc.freeze()`` in a parent that
+    forks, for the same reason. Once only: a later call (a command run inside another, tests) would also freeze what
+    the earlier one left behind.
+    """
+    if gc.get_freeze_count() == 0:
+        gc.freeze()
 
 
 def threads_from_slurm(environ: MutableMapping[str, str] = os.environ) -> int | None:
