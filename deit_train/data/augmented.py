@@ -19,7 +19,8 @@ log = logging.getLogger(__name__)
 
 class AugmentedDataModule(ImageDataModule):
     """Subclasses build ``train_set`` from :meth:`train_transform` and ``val_set``/``test_set`` from
-    :meth:`eval_transform`, passing file-backed datasets through :meth:`tolerate_corrupt`.
+    :meth:`eval_transform`, passing file-backed datasets through :meth:`tolerate_corrupt`. Their constructors take
+    the source's own options and hand the rest (``**options``: the ones below) to this one.
 
     Args:
         recipe: the ``augment`` group's :class:`AugmentRecipe` (default: ``simple``, crop + flip).

@@ -7,7 +7,6 @@ transforms as ImageNet (the train crop and the eval resize + center crop both in
 from __future__ import annotations
 
 import pickle
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from deit_train.data.augmented import AugmentedDataModule
-from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 # folder, train files, test files, meta file, label key, class-name key
@@ -69,23 +67,9 @@ class CifarDataModule(AugmentedDataModule):
         self,
         root: str | None = None,
         num_classes: int = 10,
-        image_size: int = 224,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool | None = None,
-        recipe: AugmentRecipe | None = None,
-        seed: int = 0,
-        train_fraction: float = 1.0,
-        split_seed: int = 0,
-        uint8_workers: bool = True,
+        **options,
     ) -> None:
-        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed, train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
+        super().__init__(**options)
         if num_classes not in _LAYOUTS:
             raise ConfigError(f"data.num_classes={num_classes}: CIFAR has 10 or 100 classes (data=cifar10|cifar100)")
         if not root:

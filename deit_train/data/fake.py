@@ -6,7 +6,6 @@ from collections.abc import Sequence
 from torchvision.datasets import FakeData
 
 from deit_train.data.augmented import AugmentedDataModule
-from deit_train.data.recipes import AugmentRecipe
 
 
 class FakeDataModule(AugmentedDataModule):
@@ -20,23 +19,9 @@ class FakeDataModule(AugmentedDataModule):
         num_train: int = 1024,
         num_val: int = 256,
         source_size: Sequence[int] = (256, 256),
-        image_size: int = 224,
-        batch_size: int = 64,
-        num_workers: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool | None = None,
-        recipe: AugmentRecipe | None = None,
-        seed: int = 0,
-        train_fraction: float = 1.0,
-        split_seed: int = 0,
-        uint8_workers: bool = True,
+        **options,
     ) -> None:
-        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std, pin_memory=pin_memory,
-                         seed=seed, train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
+        super().__init__(**options)
         self.num_classes = num_classes
         self.num_train, self.num_val = num_train, num_val
         self.source_shape = (3, *source_size)

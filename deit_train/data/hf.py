@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from deit_train.data.augmented import AugmentedDataModule
 from deit_train.data.images import CorruptImageError, EncodedImage, load_rgb, to_rgb
-from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -157,25 +156,9 @@ class HFDataModule(AugmentedDataModule):
         streaming: bool = False,
         train_samples: int | None = None,
         shuffle_buffer: int = 10_000,
-        seed: int = 0,
-        image_size: int = 224,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool | None = None,
-        recipe: AugmentRecipe | None = None,
-        skip_corrupt: bool = False,
-        train_fraction: float = 1.0,
-        split_seed: int = 0,
-        uint8_workers: bool = True,
+        **options,
     ) -> None:
-        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
+        super().__init__(**options)
         if not path:
             raise ConfigError("data.path is not set: a save_to_disk folder, or a load_dataset builder such as "
                               "data.path=parquet data.data_files='{train: ..., validation: ...}'")
@@ -183,7 +166,7 @@ class HFDataModule(AugmentedDataModule):
         self.data_files = _plain(data_files)
         self.splits = {"train": train_split, "val": val_split, "test": test_split or val_split}
         self.image_column, self.label_column = image_column, label_column
-        self.streaming, self.train_samples, self.shuffle_buffer, self.seed = streaming, train_samples, shuffle_buffer, seed
+        self.streaming, self.train_samples, self.shuffle_buffer = streaming, train_samples, shuffle_buffer
         self._raw = {stage: self._load(split) for stage, split in self.splits.items()}
         features = self._raw["train"].features
         if features is not None:
@@ -206,7 +189,7 @@ class HFDataModule(AugmentedDataModule):
                               "when streaming: set data.num_classes")
         self.num_classes = len(self.classes)
         if streaming and self.train_fraction < 1.0:
-            raise ConfigError(f"data.train_fraction={train_fraction} needs the whole label column, which a stream "
+            raise ConfigError(f"data.train_fraction={self.train_fraction} needs the whole label column, which a stream "
                               "does not have: set data.streaming=false or data.train_fraction=1.0")
 
     def _load(self, split: str):

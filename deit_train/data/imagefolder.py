@@ -1,21 +1,19 @@
 """ImageNet-layout folders: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 from torchvision.datasets import ImageFolder
 
 from deit_train.data.augmented import AugmentedDataModule
 from deit_train.data.images import encoded_image, pil_loader
-from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
-
 
 
 def class_folders(split_dir: Path) -> list[str]:
     """Class names of an ImageNet-layout split: its sub-folder names, sorted (= label order)."""
     return sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+
 
 class ImageFolderDataModule(AugmentedDataModule):
     """Class order = sorted folder names; ``num_classes`` is counted from ``root/train``.
@@ -29,28 +27,12 @@ class ImageFolderDataModule(AugmentedDataModule):
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 224,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
         num_classes: int | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool | None = None,
-        recipe: AugmentRecipe | None = None,
-        skip_corrupt: bool = False,
         train_split: str = "train",
         val_split: str = "val",
-        seed: int = 0,
-        train_fraction: float = 1.0,
-        split_seed: int = 0,
-        uint8_workers: bool = True,
+        **options,
     ) -> None:
-        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
+        super().__init__(**options)
         if not root:
             raise ConfigError("data.root is not set: pass data.root=/path/to/imagenet (a folder with train/ and val/)")
         self.root = Path(root).expanduser()

@@ -20,7 +20,6 @@ from torch.utils.data import Dataset
 
 from deit_train.data.augmented import AugmentedDataModule
 from deit_train.data.images import EncodedImage, corrupt_image_error, load_rgb
-from deit_train.data.recipes import AugmentRecipe
 from deit_train.errors import ConfigError
 
 PACK_FILE = "pack.json"
@@ -120,26 +119,10 @@ class ShardsDataModule(AugmentedDataModule):
     def __init__(
         self,
         root: str | None = None,
-        image_size: int = 224,
-        batch_size: int = 128,
-        num_workers: int | None = None,
-        crop_pct: float = 0.875,
-        interpolation: str = "bicubic",
         num_classes: int | None = None,
-        mean: Sequence[float] = (0.485, 0.456, 0.406),
-        std: Sequence[float] = (0.229, 0.224, 0.225),
-        pin_memory: bool | None = None,
-        recipe: AugmentRecipe | None = None,
-        skip_corrupt: bool = False,
-        seed: int = 0,
-        train_fraction: float = 1.0,
-        split_seed: int = 0,
-        uint8_workers: bool = True,
+        **options,
     ) -> None:
-        super().__init__(recipe=recipe, image_size=image_size, batch_size=batch_size, num_workers=num_workers,
-                         crop_pct=crop_pct, interpolation=interpolation, mean=mean, std=std,
-                         pin_memory=pin_memory, skip_corrupt=skip_corrupt, seed=seed,
-                         train_fraction=train_fraction, split_seed=split_seed, uint8_workers=uint8_workers)
+        super().__init__(**options)
         if not root:
             raise ConfigError(f"data.root is not set: pass data.root=<pack> (a folder written by {PACK_COMMAND})")
         self.root = Path(root).expanduser()
