@@ -47,6 +47,46 @@ def test_ema_under_two_process_ddp_trains_and_moves(tmp_path, digits_teacher_fil
     assert len(ema_top1) == 2
 
 
+def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
+    """trainer.precision=bf16-true makes the student bf16; its EMA stays float32 (a bf16 copy cannot take a
+    (1 - decay) = 1e-3 step) and follows timm's recurrence of the bf16 weights, computed here in float64: the first
+    update copies, then e = d e + (1 - d) w. Its validation runs in float32 on the bf16 batch (it crashed with
+    "Input type (c10::BFloat16) and bias type (float)" after the first epoch)."""
+    import lightning as L
+
+    from deit_train.data import DigitsDataModule
+    from deit_train.losses import DistillationLoss
+    from deit_train.models import create_deit
+    from deit_train.modules import ClassificationModule
+    from deit_train.modules.optim import OptimRecipe
+
+    torch.manual_seed(0)
+    student = create_deit(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                          num_classes=10, distilled=False, drop_path_rate=0.0).to(torch.bfloat16)  # as built
+    decay, name = 0.999, "blocks.0.attn.qkv.weight"  # under Lightning's trainer.init_module(), or converted
+    module = ClassificationModule(student, DistillationLoss("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
+    weights = []
+
+    class Record(L.Callback):  # the student after each optimizer step, before the module's hook updates the EMA
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            weights.append(pl_module.student.get_parameter(name).detach().double().clone())
+
+    trainer = L.Trainer(max_steps=4, accelerator="cpu", precision="bf16-true", logger=False, limit_train_batches=4,
+                        limit_val_batches=1, num_sanity_val_steps=0, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()])
+    trainer.fit(module, datamodule=DigitsDataModule(image_size=16, augment=False, batch_size=16))
+
+    assert module.student.get_parameter(name).dtype == torch.bfloat16
+    assert {p.dtype for p in module.ema.module.parameters()} == {torch.float32}
+    expected = weights[0]
+    for weight in weights[1:]:
+        expected = decay * expected + (1 - decay) * weight
+    ema = module.ema.module.get_parameter(name).double()
+    assert len(weights) == 4 and not torch.equal(ema, weights[-1])
+    torch.testing.assert_close(ema, expected, rtol=1e-6, atol=1e-7)
+    assert 0 <= float(trainer.callback_metrics["val_ema/top1"]) <= 1
+
+
 # ---- FSDP: weight-decay groups from the shapes recorded before wrapping --------------------------------------------
 class _FSDPUnit(torch.nn.Module):
     """What FSDP's auto-wrap does to a block's names: ``blocks.0._fsdp_wrapped_module.attn...``."""

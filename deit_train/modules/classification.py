@@ -27,7 +27,9 @@ _EMA_PREFIX = "ema."  # the EMA's keys in a checkpoint's state dict, beside ``st
 
 
 def _frozen_ema(student: nn.Module, decay: float) -> ModelEmaV3:
-    ema = ModelEmaV3(student, decay=decay)
+    # float32 whatever the student's precision: a bf16/fp16 copy (trainer.precision=bf16-true/16-true) cannot hold
+    # an update of (1 - decay) = 4e-5 of its value (bf16 resolves ~4e-3)
+    ema = ModelEmaV3(student, decay=decay, dtype=torch.float32)
     ema.requires_grad_(False)  # the deepcopy keeps requires_grad; nothing back-propagates into the average
     return ema
 
@@ -163,8 +165,10 @@ class ClassificationModule(RecipeTrainedModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["val"], self.student, batch, with_loss=True)
-        if self.ema is not None:
-            self._evaluate(self.ema_metrics, self.ema.module, batch, with_loss=False)
+        if self.ema is not None:  # in the EMA's float32 also where a *-true precision made the batch bf16/fp16
+            images, target = batch
+            ema_dtype = next(self.ema.module.parameters()).dtype
+            self._evaluate(self.ema_metrics, self.ema.module, (images.to(ema_dtype), target), with_loss=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking and self._teacher_hits[1] > 0:  # the teacher must know these images
