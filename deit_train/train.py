@@ -36,7 +36,7 @@ from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import preflight
 from deit_train.run.requeue import Requeued, SlurmRequeue
-from deit_train.run.resume import resume_checkpoint
+from deit_train.run.resume import resume_checkpoint, withdraw_unused_record
 from deit_train.run.throughput import WallClockThroughput
 from deit_train.run.trained_model import StoreRunConfig
 
@@ -272,7 +272,11 @@ def main(cfg: DictConfig) -> None:
         require_experiment(HydraConfig.get().runtime.choices.get("experiment"), list(HydraConfig.get().overrides.task))
         quiet_console()
         threads_from_slurm()
-        results = train(cfg)
+        try:
+            results = train(cfg)
+        except ConfigError:  # the user changes the command: a new run directory's record must not refuse it
+            withdraw_unused_record(cfg.paths.output_dir)
+            raise
     if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
         return
     if "test/top1" in results or "stages" in results:

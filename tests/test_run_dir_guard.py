@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import shutil
 
+from omegaconf import OmegaConf
+
 from conftest import FAST_DIGITS, run_cli_in_process
 
 ARGS = ["experiment=quickstart", "teacher.min_val_top1=0", *FAST_DIGITS, "trainer.max_epochs=1",
@@ -40,3 +42,19 @@ def test_another_seed_or_cache_directory_in_the_same_run_dir_is_refused(tmp_path
     assert (f"teacher.checkpoint: {cache}/teachers/regnetx_002_digits.pth -> {moved}/teachers/regnetx_002_digits.pth"
             in other_cache.stderr.strip().splitlines()[-1])
     assert _snapshot(run) == before  # nothing written into the run directory by either refusal
+
+
+def test_a_refused_first_start_leaves_no_record_so_the_corrected_command_starts_there(tmp_path,
+                                                                                      digits_teacher_file):
+    run, cache = tmp_path / "run", _cache(tmp_path, "cache", digits_teacher_file)
+    typo = run_cli_in_process([*ARGS, "optim.base_lr=-1"], run, cache)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines()[-1].startswith("error: optim.base_lr=-1 is")
+    assert not (run / ".hydra" / "config.yaml").exists()  # the refused start's record is taken back
+
+    fixed = run_cli_in_process(ARGS, run, cache)  # was refused: "holds a run with another config (... base_lr: -1"
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert OmegaConf.load(run / ".hydra" / "config.yaml").module.optim.base_lr > 0  # the corrected start's record
+    before = _snapshot(run)
+
+    other = run_cli_in_process([*ARGS, "optim.base_lr=-1"], run, cache)  # a record with a checkpoint stays
+    assert other.returncode == 2 and _snapshot(run) == before

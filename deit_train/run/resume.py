@@ -150,6 +150,22 @@ def check_checkpoint_fits(ckpt_path: str | Path, cfg: DictConfig) -> None:
                           "resume with the checkpoint's model settings (or use model.init_from to fine-tune)")
 
 
+# The run directory whose record the current start wrote (rank 0; None when the record was there before it).
+_record_written_by_this_start: Path | None = None
+
+
+def withdraw_unused_record(run_dir: str | Path) -> None:
+    """Take back the record a refused start wrote, as long as the run directory holds no checkpoint: the corrected
+    command then starts there, instead of being refused as "another config" by its own typo's record. A record
+    that was there before this start, or that a checkpoint belongs to, stays."""
+    run_dir = Path(run_dir)
+    if _record_written_by_this_start != run_dir or any(run_dir.rglob("*.ckpt")):
+        return
+    record = stored_config_path(run_dir)  # first: without config.yaml the directory holds no record
+    for path in (record, trained_record_path(run_dir), record.with_name("hydra.yaml"), record.with_name("overrides.yaml")):
+        path.unlink(missing_ok=True)
+
+
 class KeepStoredRunConfig(Callback):
     """Hydra callback: a run directory's stored ``.hydra/config.yaml`` is its record, written once and never
     overwritten.
@@ -172,9 +188,12 @@ class KeepStoredRunConfig(Callback):
                     config.hydra.run.dir = str(run_dir)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        global _record_written_by_this_start
         run_dir = config.hydra.runtime.output_dir
+        _record_written_by_this_start = None
         if not is_global_zero() or stored_config_path(run_dir).is_file():
             return
+        _record_written_by_this_start = Path(run_dir)
         record = stored_config_path(run_dir).parent
         task = OmegaConf.masked_copy(config, [key for key in config if key != "hydra"])
         # what Hydra's own writer writes; config.yaml last, so that its presence means a complete record
