@@ -46,3 +46,10 @@ def test_listed_warnings_are_silenced_and_others_kept(caplog):
         CosineLRScheduler(optimizer, t_initial=1)
         logging.getLogger("timm.scheduler.cosine_lr").warning("a real problem")
     assert [r.getMessage() for r in caplog.records if r.name.startswith("timm")] == ["a real problem"]
+
+    with caplog.at_level(logging.WARNING):  # torch.compile's C++ build on a machine without CUDA (its exact line)
+        cpp_extension = logging.getLogger("torch.utils.cpp_extension")
+        cpp_extension.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        cpp_extension.warning("Error checking compiler version for c++")
+    assert [r.getMessage() for r in caplog.records if r.name == cpp_extension.name] == [
+        "Error checking compiler version for c++"]

@@ -39,6 +39,9 @@ SILENCED_LOG_RECORDS = (
     ("lightning.pytorch.utilities.rank_zero", r"💡 Tip: For seamless cloud logging"),
     # timm, when the whole schedule is one step: the lr is then constant, which is what such a run asks for
     ("timm.scheduler.cosine_lr", r"Cosine annealing scheduler will have no effect"),
+    # module.compile=true on a machine without CUDA, with a CUDA build of torch: inductor's C++ toolchain looks for
+    # the CUDA runtime its CPU kernels do not need
+    ("torch.utils.cpp_extension", r"No CUDA runtime is found, using CUDA_HOME="),
 )
 
 
