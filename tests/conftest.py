@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
 import random
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import traceback
 import warnings
+from collections.abc import Callable
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
 import pytest
 import timm
 import torch
+from filelock import FileLock
 from hydra import compose, initialize_config_dir
 
 from deit_train.run.config import CONFIG_DIR
@@ -34,15 +37,35 @@ freeze_imported_objects()  # as every command does: the collector's passes skip 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def made_once(tmp_path_factory, name: str, make: Callable[[Path], None]) -> Path:
+    """A folder ``make(folder)`` fills once per test session, also under pytest-xdist: the first worker that asks
+    makes it in the session's shared temporary root, under a file lock; the other workers wait for it, then read it.
+    (Without xdist each session has its own root: nothing of an earlier session is reused.)"""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent  # pytest-<n>/, the parent of every worker's popen-gw<k>/
+    folder, done = root / name, root / f"{name}.done"
+    with FileLock(root / f"{name}.lock"):
+        if not done.is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed half-way left it
+            folder.mkdir()
+            make(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def digits_teacher_file(tmp_path_factory) -> Path:
     """An (untrained) regnetx_002 with 10 classes saved as a plain state dict: a stand-in teacher file.
 
     It recognises nothing, so runs with it pass ``teacher.min_val_top1=0`` (the teacher sanity check stops them)."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teacher") / "regnetx_002_digits.pth"
-    torch.save(timm.create_model("regnetx_002", num_classes=10).state_dict(), path)
-    return path
+    def make(folder: Path) -> None:
+        torch.manual_seed(0)
+        torch.save(timm.create_model("regnetx_002", num_classes=10).state_dict(), folder / "regnetx_002_digits.pth")
+
+    return made_once(tmp_path_factory, "teacher", make) / "regnetx_002_digits.pth"
 
 
 @pytest.fixture(scope="session")
@@ -152,13 +175,19 @@ class TrainedRun:
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, digits_teacher_file) -> TrainedRun:
-    """One run of the CLI in its own process, trained once per test session and read by every test that needs a
-    trained run, its checkpoints or its logs. Read-only: a test that changes it works on a copy."""
-    tmp = tmp_path_factory.mktemp("trained_run")
+    """One run of the CLI in its own process, trained once per test session (shared by the xdist workers) and read
+    by every test that needs a trained run, its checkpoints or its logs. Read-only: a test that changes it works on
+    a copy."""
     args = trained_run_args(digits_teacher_file)
-    proc = run_cli(args, tmp / "run", tmp / "cache")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return TrainedRun(tmp / "run", args, proc)
+
+    def make(folder: Path) -> None:
+        proc = run_cli(args, folder / "run", folder / "cache")
+        (folder / "process.json").write_text(json.dumps([proc.returncode, proc.stdout, proc.stderr]))
+
+    folder = made_once(tmp_path_factory, "trained_run", make)
+    returncode, stdout, stderr = json.loads((folder / "process.json").read_text())
+    assert returncode == 0, stderr[-3000:]
+    return TrainedRun(folder / "run", args, subprocess.CompletedProcess(args, returncode, stdout, stderr))
 
 
 # ---- a local one-node Slurm cluster (scripts/slurm_local_cluster.sh) ------------------------------------------
