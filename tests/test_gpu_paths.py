@@ -9,7 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from conftest import FAST_DIGITS, compose_config, run_cli
+from conftest import FAST_DIGITS, compose_config, run_cli, run_cli_in_process
 
 
 def _checkpoint(run_dir, pattern: str) -> dict:
@@ -188,8 +188,8 @@ def test_fsdp_takes_a_distilled_run_without_those_options(tmp_path):
 
 
 def test_fsdp_refusal_is_one_line_and_exit_2_before_training(tmp_path, digits_teacher_file):
-    proc = run_cli(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "strategy=fsdp",
-                    "module.ema_decay=0.9"], tmp_path / "run", tmp_path / "cache")
+    proc = run_cli_in_process(["experiment=quickstart", f"teacher.checkpoint={digits_teacher_file}", "strategy=fsdp",
+                               "module.ema_decay=0.9"], tmp_path / "run", tmp_path / "cache")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == ("error: module.ema_decay=0.9 does not work with strategy=fsdp (the "
                                                     "student's parameters are shards): use strategy=ddp, or "

@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_cli_in_process
 from deit_train.errors import ConfigError
 from deit_train.run.preflight import preflight
 
@@ -14,7 +14,7 @@ from deit_train.run.preflight import preflight
 def test_bad_student_option_stops_before_the_teacher_is_bootstrapped(tmp_path):
     cache, run = tmp_path / "cache", tmp_path / "run"
     started = time.perf_counter()
-    proc = run_cli(["experiment=quickstart", "model.image_size=33"], run, cache)
+    proc = run_cli_in_process(["experiment=quickstart", "model.image_size=33"], run, cache)
     seconds = time.perf_counter() - started
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (

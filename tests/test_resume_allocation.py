@@ -7,7 +7,7 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import FAST_DIGITS, run_cli
+from conftest import FAST_DIGITS, run_cli, run_cli_in_process
 
 # digits: 1257 training images, 16 a batch: 78 batches on 1 process, 39 on 2; a tenth of them is 7 and 3 updates
 ARGS = ["experiment=quickstart", "teacher.min_val_top1=0", *(a for a in FAST_DIGITS if not a.startswith("trainer.limit_train")),
@@ -30,7 +30,7 @@ def _lrs_by_epoch(run_dir) -> dict[int, list[float]]:
 def test_a_one_process_checkpoint_resumed_on_two_processes_follows_the_two_process_schedule(tmp_path,
                                                                                              digits_teacher_file):
     args = [*ARGS, f"teacher.checkpoint={digits_teacher_file}"]
-    first = run_cli([*args, "trainer.max_epochs=2"], tmp_path / "one", tmp_path / "cache")
+    first = run_cli_in_process([*args, "trainer.max_epochs=2"], tmp_path / "one", tmp_path / "cache")
     assert first.returncode == 0, first.stderr[-3000:]
     reference = run_cli([*args, *TWO, "trainer.max_epochs=4"], tmp_path / "two", tmp_path / "cache")
     assert reference.returncode == 0, reference.stderr[-3000:]
