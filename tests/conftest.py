@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 import os
 import random
 import shutil
@@ -90,6 +91,15 @@ def run_cli(args: list[str], run_dir: Path, cache_dir: Path, module: str = "deit
     env = {**os.environ, "DEIT_TRAIN_CACHE": str(cache_dir), "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", module, *args, f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false"]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def cosine_lr(update: int, total: int, warmup: int, peak: float, warmup_lr: float, min_lr: float) -> float:
+    """The lr of optimizer update ``update`` (from 0) by the DeiT recipe, written out: a linear warmup from
+    ``warmup_lr`` over ``warmup`` updates, then a cosine from ``peak`` to ``min_lr`` over the other ones (timm's
+    CosineLRScheduler with ``warmup_prefix=True``, counted in updates)."""
+    if update < warmup:
+        return warmup_lr + update * (peak - warmup_lr) / warmup
+    return min_lr + 0.5 * (peak - min_lr) * (1 + math.cos(math.pi * (update - warmup) / (total - warmup)))
 
 
 # A fast digits run: quickstart's models at 16 px with few steps (the quickstart itself is timed in the README).

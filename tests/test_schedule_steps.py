@@ -2,14 +2,13 @@
 (``trainer.max_epochs`` or ``trainer.max_steps``)."""
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from conftest import cosine_lr
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
 
 PEAK, WARMUP_LR, MIN_LR = 5e-4, 1e-6, 1e-5
@@ -35,9 +34,7 @@ class _Recorder(RecipeTrainedModule):
 
 
 def _intended(update: int, total: int, warmup: int, peak: float = PEAK) -> float:
-    if update < warmup:
-        return WARMUP_LR + update * (peak - WARMUP_LR) / warmup
-    return MIN_LR + 0.5 * (peak - MIN_LR) * (1 + math.cos(math.pi * (update - warmup) / (total - warmup)))
+    return cosine_lr(update, total, warmup, peak, WARMUP_LR, MIN_LR)
 
 
 @pytest.mark.parametrize("max_epochs", [300, None])  # 300 = configs/trainer/default.yaml
