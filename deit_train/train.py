@@ -269,10 +269,11 @@ def print_summary(results: dict) -> None:
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
 def main(cfg: DictConfig) -> None:
     with one_line_errors():
-        require_experiment(HydraConfig.get().runtime.choices.get("experiment"), list(HydraConfig.get().overrides.task))
-        quiet_console()
-        threads_from_slurm()
         try:
+            require_experiment(HydraConfig.get().runtime.choices.get("experiment"),
+                               list(HydraConfig.get().overrides.task))
+            quiet_console()
+            threads_from_slurm()
             results = train(cfg)
         except ConfigError:  # the user changes the command: a new run directory's record must not refuse it
             withdraw_unused_record(cfg.paths.output_dir)

@@ -31,6 +31,7 @@ def test_bare_run_stops_with_one_line_listing_the_experiments(tmp_path, monkeypa
     assert run_in_process([], tmp_path, monkeypatch) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no experiment chosen") and "\n" not in err
+    assert list(tmp_path.rglob("train.log")) and not list(tmp_path.rglob("config.yaml"))  # no record of it left
     assert all(name in err for name in experiment_names()) and "quickstart" in experiment_names()
     assert not (tmp_path / "outputs" / "train").exists() or not any((tmp_path / "outputs" / "train").rglob("*.ckpt"))
 
