@@ -89,6 +89,7 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/benchmark_step.py": ("elsewhere", "test_benchmark.py"),
     "python scripts/benchmark_teacher.py": ("not run", "a timed benchmark of full-size models"),
     "python scripts/benchmark_cache.py": ("not run", "a timed benchmark of full-size models"),
+    "python scripts/benchmark_startup.py": ("not run", "a timed benchmark (a minute here)"),
     "python -m deit_train -m experiment=quickstart distill=none,soft,hard seed=0,1,2 hydra.sweep.dir=multirun/tab3_token":
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
     "python -m deit_train -m experiment=quickstart model.distilled=false distill=soft,hard seed=0,1,2 "
