@@ -189,8 +189,8 @@ class HFDataModule(AugmentedDataModule):
                               "when streaming: set data.num_classes")
         self.num_classes = len(self.classes)
         if streaming and self.train_fraction < 1.0:
-            raise ConfigError(f"data.train_fraction={self.train_fraction} needs the whole label column, which a stream "
-                              "does not have: set data.streaming=false or data.train_fraction=1.0")
+            raise ConfigError(f"data.train_fraction={self.train_fraction} needs the whole label column, which a "
+                              "stream does not have: set data.streaming=false or data.train_fraction=1.0")
 
     def _load(self, split: str):
         try:

@@ -19,10 +19,10 @@ def freeze_imported_objects() -> None:
     collector's reach, once per process, at the start of a command.
 
     They live until the process exits, yet each full collection walks them all and the interpreter's exit walks them
-    again: 1.8 s of a 9.6 s digits run on one core (``scripts/benchmark_startup.py``). Frozen, forked DataLoader workers also leave their pages shared
-    (the collector writes to what it walks). Python's gc documentation recommends ``gc.freeze()`` in a parent that
-    forks, for the same reason. Once only: a later call (a command run inside another, tests) would also freeze what
-    the earlier one left behind.
+    again: 1.8 s of a 9.6 s digits run on one core (``scripts/benchmark_startup.py``). Frozen, forked DataLoader
+    workers also leave their pages shared (the collector writes to what it walks); Python's gc documentation
+    recommends ``gc.freeze()`` in a parent that forks for that reason. Once only: a later call (a command run inside
+    another, tests) would also freeze what the earlier one left behind.
     """
     if gc.get_freeze_count() == 0:
         gc.freeze()

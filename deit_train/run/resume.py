@@ -162,7 +162,8 @@ def withdraw_unused_record(run_dir: str | Path) -> None:
     if _record_written_by_this_start != run_dir or any(run_dir.rglob("*.ckpt")):
         return
     record = stored_config_path(run_dir)  # first: without config.yaml the directory holds no record
-    for path in (record, trained_record_path(run_dir), record.with_name("hydra.yaml"), record.with_name("overrides.yaml")):
+    beside = [record.with_name(name) for name in ("hydra.yaml", "overrides.yaml")]
+    for path in (record, trained_record_path(run_dir), *beside):
         path.unlink(missing_ok=True)
 
 
