@@ -61,9 +61,10 @@ def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
     from deit_train.modules.optim import OptimRecipe
 
     torch.manual_seed(0)
+    # bf16 already when the module takes it, as a student built under Lightning's trainer.init_module() would be
     student = create_deit(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                          num_classes=10, distilled=False, drop_path_rate=0.0).to(torch.bfloat16)  # as built
-    decay, name = 0.999, "blocks.0.attn.qkv.weight"  # under Lightning's trainer.init_module(), or converted
+                          num_classes=10, distilled=False, drop_path_rate=0.0).to(torch.bfloat16)
+    decay, name = 0.999, "blocks.0.attn.qkv.weight"
     module = ClassificationModule(student, DistillationLoss("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
     weights = []
 

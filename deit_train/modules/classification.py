@@ -165,10 +165,9 @@ class ClassificationModule(RecipeTrainedModule):
 
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["val"], self.student, batch, with_loss=True)
-        if self.ema is not None:  # in the EMA's float32 also where a *-true precision made the batch bf16/fp16
+        if self.ema is not None:  # float32 (_frozen_ema), also where a *-true precision made the batch bf16/fp16
             images, target = batch
-            ema_dtype = next(self.ema.module.parameters()).dtype
-            self._evaluate(self.ema_metrics, self.ema.module, (images.to(ema_dtype), target), with_loss=False)
+            self._evaluate(self.ema_metrics, self.ema.module, (images.float(), target), with_loss=False)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking and self._teacher_hits[1] > 0:  # the teacher must know these images
