@@ -12,7 +12,7 @@ from deit_train.data.device_augment import DeviceFinish, DeviceImages
 from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.data.workers import default_num_workers
-from deit_train.errors import ConfigError
+from deit_train.errors import ConfigError, StoppedBatch
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -127,16 +127,23 @@ class ImageDataModule(L.LightningDataModule):
         return batch
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages; others pass through."""
+        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages; others pass through. A file
+        the device cannot decode makes a :class:`StoppedBatch`: every rank decides on it before the step."""
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
-            return [self.device_finish(batch[0]), *batch[1:]]
+            try:
+                return [self.device_finish(batch[0]), *batch[1:]]
+            except ConfigError as error:
+                return StoppedBatch(error)
         return batch
 
     def batch_to_device(self, batch, device: torch.device | str):
         """What Lightning does with a batch before a training step, for loops without a Trainer (the teacher-only
-        pass, benchmarks): the transfer hooks around the move to ``device``."""
+        pass, benchmarks): the transfer hooks around the move to ``device``; a stopped batch raises its line."""
         batch = self.on_before_batch_transfer(batch, 0)
-        return self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
+        batch = self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
+        if isinstance(batch, StoppedBatch):
+            raise batch.error
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from deit_train.errors import StoppedBatch, batches_until_stopped
+
 # kinds of draws, so that a sample seed never equals a step, index or order seed
 _SAMPLE, _STEP, _INDEX, _ORDER = 0, 1, 2, 3
 
@@ -169,6 +171,9 @@ class StreamLoader(DataLoader):
     ``hpc_ckpt``): the epoch then continues at the first batch not yet trained on, with the same sample seeds,
     instead of starting the epoch's order over. A sampler other than :class:`SeededSampler` (Lightning's
     ``overfit_batches`` puts in its own) starts over.
+
+    A batch that cannot be made (a corrupt file) ends the pass with a :class:`~deit_train.errors.StoppedBatch`: one
+    rank's error is decided by every rank before the step (:mod:`deit_train.stops`).
     """
 
     _taken = 0  # batches of the current pass handed to training, counting those a resumed pass skipped
@@ -183,8 +188,9 @@ class StreamLoader(DataLoader):
     def __iter__(self):
         start = self.sampler.start_position() if isinstance(self.sampler, SeededSampler) else 0
         self._taken = start // self.batch_size  # drop_last: whole batches, so a position is a batch boundary
-        for batch in super().__iter__():
-            self._taken += 1
+        # a corrupt file (in a worker or here) ends this rank's batches with the line: every rank stops on it
+        for batch in batches_until_stopped(super().__iter__()):
+            self._taken += not isinstance(batch, StoppedBatch)
             yield batch
 
 

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from deit_train.data.device_augment import device_identity
 from deit_train.errors import ConfigError
+from deit_train.stops import defer_stop
 
 log = logging.getLogger(__name__)
 
@@ -299,6 +300,7 @@ class TeacherLogitCache(Callback):
         self._epoch = self._step = self._rank = 0
         self._epoch_started = False
         self._read_steps = 0
+        self._trainer: L.Trainer | None = None  # None in the teacher-only pass
         self.stats = {"read": 0, "written": 0, "live": 0, "verified": 0}
 
     @classmethod
@@ -351,6 +353,7 @@ class TeacherLogitCache(Callback):
             pl_module.teacher_cache = self
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
         self.attach(pl_module.teacher, trainer.datamodule, trainer.world_size, report=trainer.is_global_zero)
         if trainer.is_global_zero:  # one entry for all ranks: said once
             log.info("teacher cache %s (k=%d %s)", self.entry.path, self.topk, self.dtype)
@@ -398,13 +401,17 @@ class TeacherLogitCache(Callback):
         logits = dense_logits(values.to(images.device), indices.to(images.device, torch.long), self.num_classes)
         self.stats["read"] += 1
         if self._read_steps == 0 or (self.verify_every and self._read_steps % self.verify_every == 0):
-            self.verify(self.teacher(images), values.to(images.device), indices.to(images.device, torch.long))
+            live = self.teacher(images)
+            if not self.verify(live, values.to(images.device), indices.to(images.device, torch.long)):
+                logits = live.detach().float()  # this step learns from the teacher; the run stops before the next
         self._read_steps += 1
         return logits
 
-    def verify(self, live: Tensor, values: Tensor, indices: Tensor) -> None:
-        """Stop with one line unless the live teacher's logits at the cached top-k classes match the cache (and its
-        argmax's logit equals the cached top-1's): a non-deterministic pipeline must not feed wrong targets."""
+    def verify(self, live: Tensor, values: Tensor, indices: Tensor) -> bool:
+        """Whether the live teacher's logits at the cached top-k classes match the cache (and its argmax's logit
+        equals the cached top-1's). If not, the run stops with one line, on every rank at its next decision
+        (:mod:`deit_train.stops`; at once in the teacher-only pass): a non-deterministic pipeline must not feed wrong
+        targets."""
         live = live.detach().float()
         at_cached = live.gather(1, indices)
         tolerance = 1e-2 * (1 + values.float().abs())
@@ -412,7 +419,8 @@ class TeacherLogitCache(Callback):
         same_argmax = bool((live.max(dim=1).values - at_cached[:, 0] <= tolerance[:, 0]).all())
         self.stats["verified"] += 1
         if not (same_values and same_argmax):
-            raise ConfigError(
+            defer_stop(self._trainer, ConfigError(
                 f"teacher cache {self.entry.path} disagrees with the live teacher at epoch {self._epoch} step "
                 f"{self._step} (rank {self._rank}): the data stream or the teacher is not deterministic; delete that "
-                "entry or set teacher.cache_dir=null")
+                "entry or set teacher.cache_dir=null"))
+        return same_values and same_argmax
