@@ -191,14 +191,19 @@ def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: Dict
 def check_paths(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
     """Weight files and the data root: present, readable, and (for weights) a checkpoint at all; not the options
     in ``skip``."""
-    from deit_train.models.hf_convert import is_hf_directory
+    from deit_train.models.hf_convert import hf_weight_files, is_hf_directory
 
     for option in WEIGHT_FILES:
         value = OmegaConf.select(cfg, option, default=None)
-        if option in skip:
+        if option in skip or not value:
             continue
-        if value and not is_hf_directory(Path(str(value)).expanduser()):
+        path = Path(str(value)).expanduser()
+        if not is_hf_directory(path):
             load_checkpoint_file(option, value)
+        elif not hf_weight_files(path):
+            raise ConfigError(f"{option}={path} is a save_pretrained directory (config.json) without weights (no "
+                              "model.safetensors or pytorch_model.bin): save the model with its weights there, or "
+                              "point the option at a weights file")
     root = OmegaConf.select(cfg, "data.root", default=None)
     if root:
         path = Path(str(root)).expanduser()
