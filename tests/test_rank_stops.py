@@ -1,7 +1,8 @@
 """One rank's stop is every rank's: a check that fails on one DDP process (a teacher-cache shard that disagrees with
 the teacher, a corrupt image in a loader worker) stops all of them on the same decision, with the same one line and
 exit status 2, instead of leaving the others to die of a closed socket (gloo) or to wait for the process-group
-timeout (NCCL). The last good checkpoint stays as it was."""
+timeout (NCCL). The last good checkpoint stays as it was. Each run is 2 gloo processes of the CLI, as a user starts
+them (`strategy=ddp_cpu trainer.devices=2`)."""
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import FAST_DIGITS, compose_config, run_cli
@@ -80,15 +82,25 @@ def _rank_shares(args: list[str], run_dir: Path, epochs: int, steps: int, batch:
     return shares
 
 
-def test_a_corrupt_image_only_rank_1_loads_stops_both_ranks_with_its_line(tmp_path, digits_teacher_file):
+@pytest.mark.parametrize("decode", ["worker", "device"])
+def test_a_corrupt_image_only_rank_1_loads_stops_both_ranks_with_its_line(tmp_path, digits_teacher_file, decode):
     root = _digits_folder(tmp_path / "jpegs", {"train": 8, "val": 3}, "jpg")
+    device = ["augment=deit", "augment.device=true", "augment.device_decode=true"] if decode == "device" else []
     args = [*QUICK, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "data=imagefolder",
-            f"data.root={root}", "data.batch_size=8", "data.num_workers=1"]
+            f"data.root={root}", "data.batch_size=8", "data.num_workers=1", *device]
     shares = _rank_shares(args, tmp_path / "shares", epochs=2, steps=3, batch=8)
     # a file rank 1 loads in epoch 1 and that no other (rank, epoch) loads before or beside it
     (broken, *_) = sorted(shares[1, 1] - shares[0, 0] - shares[0, 1] - shares[1, 0])
-    Path(broken).write_bytes(Path(broken).read_bytes()[:60])  # truncated mid-scan
+    data = bytearray(Path(broken).read_bytes())
+    if decode == "worker":
+        data = data[:60]  # truncated mid-scan: the worker's decode fails
+        line = (rf"error: cannot decode image {re.escape(broken)} \(.*\): delete or replace the file, or pass "
+                r"data.skip_corrupt=true to skip unreadable files")
+    else:
+        data[data.index(b"\xff\xc4") + 4] = 0xFF  # a bogus Huffman table index: the header reads, the data does not
+        line = (rf"error: cannot decode image {re.escape(broken)} on the device \(.*\): delete or replace the file, "
+                r"or decode in the workers \(augment.device_decode=false, which data.skip_corrupt=true can skip\)")
+    Path(broken).write_bytes(bytes(data))
 
     proc = run_cli(args, tmp_path / "run", tmp_path / "home", timeout=RUN_TIMEOUT)
-    _stopped_as_one(proc, rf"error: cannot decode image {re.escape(broken)} \(.*\): delete or replace the file, or "
-                          r"pass data.skip_corrupt=true to skip unreadable files", tmp_path / "run")
+    _stopped_as_one(proc, line, tmp_path / "run")

@@ -163,7 +163,16 @@ class SeededSampler(DistributedSampler):
         return len(self.order) if self.order is not None else super().__len__()
 
 
-class StreamLoader(DataLoader):
+class TrainingLoader(DataLoader):
+    """A training loader whose batch that cannot be made (a corrupt file, in a worker or here) ends the pass with a
+    :class:`~deit_train.errors.StoppedBatch` carrying the line: every rank decides on it before the step
+    (:mod:`deit_train.stops`), where the error alone would end this rank and leave the others waiting."""
+
+    def __iter__(self):
+        return batches_until_stopped(super().__iter__())
+
+
+class StreamLoader(TrainingLoader):
     """The training loader of the stream, resumable inside an epoch (Lightning's stateful-loader protocol).
 
     Lightning stores :meth:`state_dict` (the epoch, and how many of its batches training took) in every checkpoint
@@ -171,9 +180,6 @@ class StreamLoader(DataLoader):
     ``hpc_ckpt``): the epoch then continues at the first batch not yet trained on, with the same sample seeds,
     instead of starting the epoch's order over. A sampler other than :class:`SeededSampler` (Lightning's
     ``overfit_batches`` puts in its own) starts over.
-
-    A batch that cannot be made (a corrupt file) ends the pass with a :class:`~deit_train.errors.StoppedBatch`: one
-    rank's error is decided by every rank before the step (:mod:`deit_train.stops`).
     """
 
     _taken = 0  # batches of the current pass handed to training, counting those a resumed pass skipped
@@ -188,8 +194,7 @@ class StreamLoader(DataLoader):
     def __iter__(self):
         start = self.sampler.start_position() if isinstance(self.sampler, SeededSampler) else 0
         self._taken = start // self.batch_size  # drop_last: whole batches, so a position is a batch boundary
-        # a corrupt file (in a worker or here) ends this rank's batches with the line: every rank stops on it
-        for batch in batches_until_stopped(super().__iter__()):
+        for batch in super().__iter__():
             self._taken += not isinstance(batch, StoppedBatch)
             yield batch
 
