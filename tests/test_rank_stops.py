@@ -85,7 +85,9 @@ def _rank_shares(args: list[str], run_dir: Path, epochs: int, steps: int, batch:
 @pytest.mark.parametrize("decode", ["worker", "device"])
 def test_a_corrupt_image_only_rank_1_loads_stops_both_ranks_with_its_line(tmp_path, digits_teacher_file, decode):
     root = _digits_folder(tmp_path / "jpegs", {"train": 8, "val": 3}, "jpg")
-    device = ["augment=deit", "augment.device=true", "augment.device_decode=true"] if decode == "device" else []
+    # (without repeated augmentation: its copies of an image go to both ranks)
+    device = (["augment=deit", "augment.repeated_aug=1", "augment.device=true", "augment.device_decode=true"]
+              if decode == "device" else [])
     args = [*QUICK, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "data=imagefolder",
             f"data.root={root}", "data.batch_size=8", "data.num_workers=1", *device]
     shares = _rank_shares(args, tmp_path / "shares", epochs=2, steps=3, batch=8)
