@@ -5,12 +5,16 @@ A GPU step must not make the host wait for the device: every read of a device te
 device for both, so :class:`DeviceSyncCounter` tracks which tensors would live on the accelerator -- the modules'
 weights, the batch after its transfer, tensors made with an explicit ``device=`` and everything computed from them --
 and counts, per training batch (one ``advance`` of Lightning's training epoch loop), the reads of such tensors and
-the host-to-device copies. Logging's reads are aside (Lightning batches them every ``log_every_n_steps``; the run
-logs after its last step here)."""
+the host-to-device copies. Logging's reads are aside, counted apart (Lightning's logger connector: it writes the
+logged values every ``log_every_n_steps``, after the last step here, and turns a ``prog_bar`` value into a number
+every step)."""
 from __future__ import annotations
 
 import collections
 import functools
+import json
+import os
+import subprocess
 import sys
 import traceback
 from pathlib import Path
@@ -22,7 +26,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from conftest import compose_config
+from conftest import ROOT, compose_config
 
 # the path of deit_small_distill at toy sizes: a distilled student, a frozen teacher, hard distillation, the DeiT
 # augmentation recipe (RandAugment, random erasing, Mixup/CutMix) with uint8 workers and the device stage's
@@ -79,6 +83,8 @@ class DeviceSyncCounter(TorchDispatchMode):
 
     def _count(self, kind: str) -> None:
         if self._counting and self.steps:
+            if kind == "read" and any("logger_connector" in frame.filename for frame in traceback.extract_stack()):
+                kind = "logging read"  # Lightning turning logged tensors into numbers: logging's, aside
             self.steps[-1][kind, _site()] += 1
 
     def _mark_outputs(self, out) -> None:
@@ -189,16 +195,39 @@ def count_default_path(tmp_path: Path, teacher_file: Path, *extra: str) -> Devic
     return counter
 
 
+def _report(counts: list[collections.Counter]) -> None:
+    for step, step_counts in enumerate(counts):
+        print(f"step {step}:", ", ".join(f"{n} {kind} {site}" for (kind, site), n in sorted(step_counts.items())))
+
+
 def test_the_default_distillation_path_reads_the_device_at_most_twice_per_step(tmp_path, digits_teacher_file):
     counter = count_default_path(tmp_path, digits_teacher_file)
     reads = counter.per_step("read")
     sites = sorted({site for step in counter.steps for (kind, site) in step if kind == "read"})
-    print(f"device reads per step {reads}, host-to-device copies per step {counter.per_step('copy')}")
-    for step, counts in enumerate(counter.steps):
-        print(f"step {step}:", ", ".join(f"{n} {kind} {site}" for (kind, site), n in sorted(counts.items())))
+    print(f"device reads per step {reads} (logging's {counter.per_step('logging read')}), host-to-device copies "
+          f"per step {counter.per_step('copy')}")
+    _report(counter.steps)
     assert max(reads) <= 2, (reads, sites)
     # none of them is the non-finite check's: it records on the device and is read before checkpoints
     assert not any("finite.py" in site for site in sites), sites
+
+
+def test_two_processes_read_the_device_at_most_twice_per_step(tmp_path, digits_teacher_file):
+    """The same path on 2 gloo processes of the CLI (tests/host_sync_count.py counts in each): Lightning's own
+    per-step SIGTERM broadcast is one read, the rank-wide stop decision the other."""
+    env = {**os.environ, "COUNT_DIR": str(tmp_path), "DEIT_TRAIN_CACHE": str(tmp_path / "cache"),
+           "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "host_sync_count.py"), *DEFAULT_PATH,
+                           f"teacher.checkpoint={digits_teacher_file}", "strategy=ddp_cpu", "trainer.devices=2",
+                           f"hydra.run.dir={tmp_path / 'run'}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for rank in (0, 1):
+        counted = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        print(f"rank {rank}: device reads per step {counted['read']} (logging's {counted['logging read']}), "
+              f"host-to-device copies per step {counted['copy']}")
+        print("\n".join(f"  step {step}: {sites}" for step, sites in enumerate(counted["sites"])))
+        assert len(counted["read"]) == 5 and max(counted["read"]) <= 2, counted
 
 
 def test_the_counter_sees_a_read_of_the_loss(tmp_path, digits_teacher_file, monkeypatch):
