@@ -11,10 +11,10 @@ collective (NCCL: until the process-group timeout, every GPU idle) or die of the
 - a condition known on the device alone (a non-finite loss) is watched (:meth:`RankWideStop.watch`) without being
   read back each step.
 
-:class:`RankWideStop` decides for all ranks at once: before every training batch on what the ranks know on the host
-(one process: no device read; several: one all-reduce that also carries the device conditions, read once), and
-before every checkpoint is written and when training ends on everything, device conditions included (a non-finite
-update is never saved, and a run never ends 0 after one). The lowest rank that met a stop hands its line to the
+:class:`RankWideStop` decides for all ranks at once: before every batch (training, validation, test) on what the
+ranks know on the host (one process: no device read; several: one all-reduce that also carries the device
+conditions, read once), and before every checkpoint is written and when training ends on everything, device
+conditions included (a non-finite update is never saved, and a run never ends 0 after one). The lowest rank that met a stop hands its line to the
 others, and every rank raises it.
 """
 from __future__ import annotations
@@ -67,6 +67,17 @@ class RankWideStop(Callback):
         self._error = None
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        self._before_batch(trainer, batch)
+
+    def on_validation_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
+                                  dataloader_idx: int = 0) -> None:
+        self._before_batch(trainer, batch)
+
+    def on_test_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int,
+                            dataloader_idx: int = 0) -> None:
+        self._before_batch(trainer, batch)
+
+    def _before_batch(self, trainer: L.Trainer, batch) -> None:
         if isinstance(batch, StoppedBatch):
             self.defer(batch.error)
         # one process: the host's reasons only, nothing read from the device; several: the all-reduce is read

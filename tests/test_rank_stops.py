@@ -28,9 +28,10 @@ QUICK = ["experiment=quickstart", *(a for a in FAST_DIGITS if not a.startswith((
 RUN_TIMEOUT = 240
 
 
-def _stopped_as_one(proc, line_pattern: str, run_dir: Path) -> None:
+def _stopped_as_one(proc, line_pattern: str, run_dir: Path, checkpoint: bool = True) -> None:
     """Exit status 2, one distinct ``error:`` line (each rank may print it) matching ``line_pattern``, no traceback or
-    other error anywhere, within 60 s of the epoch-0 checkpoint; last.ckpt is epoch 0's, whole and loadable."""
+    other error anywhere; with ``checkpoint``, within 60 s of the epoch-0 checkpoint, and last.ckpt is epoch 0's,
+    whole and loadable (without, the fault came before any checkpoint and none was written)."""
     output = proc.stdout + proc.stderr
     assert proc.returncode == 2, output[-3000:]
     errors = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
@@ -39,9 +40,12 @@ def _stopped_as_one(proc, line_pattern: str, run_dir: Path) -> None:
     rest = "\n".join(line for line in output.splitlines() if not line.startswith("error:"))
     for sign in ("Traceback", "Connection closed", "Error", "Exception"):
         assert sign not in rest, output[-3000:]
+    if not checkpoint:
+        assert not list(run_dir.rglob("*.ckpt"))
+        return
     last = run_dir / "checkpoints" / "last.ckpt"
-    checkpoint = torch.load(last, weights_only=False, map_location="cpu")
-    assert checkpoint["epoch"] == 0 and checkpoint["global_step"] == 3
+    saved = torch.load(last, weights_only=False, map_location="cpu")
+    assert saved["epoch"] == 0 and saved["global_step"] == 3
     assert time.time() - last.stat().st_mtime < 60
 
 
@@ -106,3 +110,25 @@ def test_a_corrupt_image_only_rank_1_loads_stops_both_ranks_with_its_line(tmp_pa
 
     proc = run_cli(args, tmp_path / "run", tmp_path / "home", timeout=RUN_TIMEOUT)
     _stopped_as_one(proc, line, tmp_path / "run")
+
+
+def test_a_corrupt_validation_image_only_rank_1_loads_stops_both_ranks_with_its_line(tmp_path, digits_teacher_file):
+    from torch.utils.data import DistributedSampler
+
+    root = _digits_folder(tmp_path / "jpegs", {"train": 8, "val": 3}, "jpg")
+    args = [*QUICK, f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "data=imagefolder",
+            f"data.root={root}", "data.batch_size=8", "data.num_workers=1"]
+    cfg = compose_config(args, tmp_path / "files")
+    from hydra.utils import instantiate
+
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")
+    files = [path for path, _ in datamodule.val_set.samples]
+    # the validation batch of each rank, as Lightning's DistributedSampler deals them (limit_val_batches=1)
+    first = {rank: {files[i] for i in list(DistributedSampler(files, 2, rank, shuffle=False))[:8]} for rank in (0, 1)}
+    (broken, *_) = sorted(first[1] - first[0])
+    Path(broken).write_bytes(Path(broken).read_bytes()[:60])
+
+    proc = run_cli(args, tmp_path / "run", tmp_path / "home", timeout=RUN_TIMEOUT)
+    _stopped_as_one(proc, rf"error: cannot decode image {re.escape(broken)} \(.*\): delete or replace the file, or "
+                          r"pass data.skip_corrupt=true to skip unreadable files", tmp_path / "run", checkpoint=False)

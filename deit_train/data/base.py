@@ -9,7 +9,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
 from deit_train.data.device_augment import DeviceFinish, DeviceImages
-from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
+from deit_train.data.stream import SeededDataset, SeededSampler, StoppingLoader, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.data.workers import default_num_workers
 from deit_train.errors import ConfigError, StoppedBatch
@@ -84,7 +84,8 @@ class ImageDataModule(L.LightningDataModule):
         return dict(num_workers=workers, pin_memory=self.pinned, persistent_workers=workers > 0)
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
-        loader = StreamLoader if isinstance(sampler, SeededSampler) else DataLoader  # the stream resumes mid-epoch
+        # the stream resumes mid-epoch; every loader ends on a corrupt file with a batch every rank decides on
+        loader = StreamLoader if isinstance(sampler, SeededSampler) else StoppingLoader
         return loader(
             dataset,
             batch_size=self.batch_size,

@@ -163,8 +163,8 @@ class SeededSampler(DistributedSampler):
         return len(self.order) if self.order is not None else super().__len__()
 
 
-class TrainingLoader(DataLoader):
-    """A training loader whose batch that cannot be made (a corrupt file, in a worker or here) ends the pass with a
+class StoppingLoader(DataLoader):
+    """A loader whose batch that cannot be made (a corrupt file, in a worker or here) ends the pass with a
     :class:`~deit_train.errors.StoppedBatch` carrying the line: every rank decides on it before the step
     (:mod:`deit_train.stops`), where the error alone would end this rank and leave the others waiting."""
 
@@ -172,7 +172,7 @@ class TrainingLoader(DataLoader):
         return batches_until_stopped(super().__iter__())
 
 
-class StreamLoader(TrainingLoader):
+class StreamLoader(StoppingLoader):
     """The training loader of the stream, resumable inside an epoch (Lightning's stateful-loader protocol).
 
     Lightning stores :meth:`state_dict` (the epoch, and how many of its batches training took) in every checkpoint
