@@ -504,10 +504,11 @@ def normalisation_table(mean: Sequence[float], std: Sequence[float]) -> Tensor:
 
 
 def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """One host-to-device copy that the host does not wait for (pinned first on CUDA); the tensor itself elsewhere."""
-    if device.type == "cpu":
-        return host
-    return host.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else host.to(device)
+    """One host-to-device copy that the host does not wait for (from pinned memory on CUDA; the tensor itself on the
+    CPU). Always ``Tensor.to``, so that a test counting transfers sees every one the device stage makes."""
+    if device.type == "cuda" and not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def device_identity(device: torch.device | str, decode: bool = False) -> dict:
