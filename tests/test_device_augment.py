@@ -414,8 +414,9 @@ def test_the_device_stage_copies_once_per_batch_and_reads_nothing_back(monkeypat
     assert counts["transfers"] == 2 and counts["reads"] == 0, counts
     assert counts["kernel_transfers"] > 0  # the counter sees torchvision's too: it would see ours
     assert torch.equal(got, expected)
-    # the noise is timm's, drawn per sample from the worker's generator state: redraw the first erased box
-    sample = int(np.flatnonzero(batch.params["erase_boxes"][:, 0, 2])[0])
+    # the noise is timm's, drawn per sample from the worker's generator state: redraw a sample's only box
+    boxes = batch.params["erase_boxes"]
+    sample = int(np.flatnonzero((boxes[:, 0, 2] > 0) & (boxes[:, 1, 2] == 0))[0])
     top, left, height, width = (int(v) for v in batch.params["erase_boxes"][sample, 0])
     with torch.random.fork_rng(devices=[]):
         torch.random.set_rng_state(torch.from_numpy(batch.params["erase_rng"][sample]))
