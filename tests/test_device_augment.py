@@ -422,3 +422,61 @@ def test_the_device_stage_copies_once_per_batch_and_reads_nothing_back(monkeypat
         torch.random.set_rng_state(torch.from_numpy(batch.params["erase_rng"][sample]))
         noise = random_erasing._get_pixels(re_mode == "pixel", re_mode == "rand", (3, height, width), device="cpu")
     assert torch.equal(got[sample, :, top:top + height, left:left + width], noise.expand(3, height, width))
+
+
+def test_device_decode_on_cuda_is_ordered_after_the_current_stream_and_before_its_next_kernels(monkeypatch):
+    """torchvision 0.19-0.29 allocate decode_jpeg's CUDA outputs on the current stream and write them from nvJPEG's
+    private stream, which waits on nothing: a block just freed on the training stream (and still read by its
+    queued backward) could be overwritten. The device stage calls it with a side stream current (the outputs come
+    from the side stream's blocks), after the side stream waited for the current one; the current stream then
+    waits for the decode and each output is recorded as used there. The stream API is faked (no GPU here): the
+    calls and their order are what this checks; on the CPU the decode is decode_jpeg's own, bit for bit."""
+    import contextlib
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    import deit_train.data.device_augment as device_augment
+    from deit_train.data.device_augment import DeviceFinish
+
+    calls: list = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            calls.append(("wait", self.name, other.name))
+
+    current = {"stream": Stream("training")}
+    made: list = []
+
+    @contextlib.contextmanager
+    def stream(side: Stream):
+        previous, current["stream"] = current["stream"], side
+        try:
+            yield
+        finally:
+            current["stream"] = previous
+
+    class Decoded:
+        def record_stream(self, used_on: Stream) -> None:
+            calls.append(("record", used_on.name))
+
+    def decode(tensors, mode, device):
+        calls.append(("decode", current["stream"].name, str(device), len(tensors)))
+        return [Decoded() for _ in tensors]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(Stream(f"side{len(made)}")) or made[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(device_augment, "decode_jpeg", decode)
+    finish = DeviceFinish(MEAN, STD, decode_size=8)
+    jpegs = [torch.frombuffer(bytearray(_jpeg(np.random.default_rng(k), 20, 16)), dtype=torch.uint8) for k in range(2)]
+    for _ in range(2):  # two batches: one side stream, made once
+        finish.decode_after_current_stream(jpegs, torch.device("cuda", 0))
+    once = [("wait", "side0", "training"), ("decode", "side0", "cuda:0", 2), ("wait", "training", "side0"),
+            ("record", "training"), ("record", "training")]
+    assert calls == once * 2 and len(made) == 1
+    monkeypatch.undo()
+    on_cpu = finish.decode_after_current_stream(jpegs, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, decode_jpeg(jpegs, mode=ImageReadMode.RGB)))
