@@ -297,3 +297,34 @@ def test_every_true_precision_trains_on_the_uint8_path_with_the_float32_runs_dra
             else:  # the same ops and the same float64 magnitudes, not their bf16/fp16 roundings
                 assert np.array_equal(mine[1], theirs[1]) and np.array_equal(mine[2], theirs[2]), precision
         assert 0 <= results["last_epoch/val/top1"] <= 1, (precision, results)
+
+
+def test_half_precision_with_an_eps_float16_cannot_hold_is_refused_in_one_line(tmp_path, jpeg_folder):
+    """16-true with AdamW's default eps=1e-8 (0 in float16) turns weights inf/nan at the first step on any device:
+    refused before anything trains, exit 2; optim.eps=1e-4 trains (test above)."""
+    proc = run_cli_in_process(["experiment=deit_tiny", f"data.root={jpeg_folder}", "trainer=cpu",
+                               "trainer.precision=16-true"], tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: trainer.precision=16-true keeps AdamW's moments in float16, where optim.eps=1e-08 is 0 (the first step "
+        "divides by zero): use trainer.precision=16-mixed or bf16-true, or set optim.eps=1e-4")
+
+
+@pytest.mark.parametrize("accelerator, refused", [("mps", True), ("gpu", True), ("auto", True), ("cpu", False)])
+def test_device_decode_on_an_accelerator_without_a_jpeg_decoder_is_refused(tmp_path, monkeypatch, accelerator,
+                                                                           refused):
+    """decode_jpeg runs on cpu and cuda; on a Mac (MPS, no CUDA) trainer=gpu or mps cannot decode there."""
+    from deit_train.errors import ConfigError
+    from deit_train.run.preflight import check_device_decode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    cfg = compose_config(["experiment=deit_tiny", "data.root=/d", "augment.device=true", "augment.device_decode=true",
+                          f"trainer.accelerator={accelerator}"], tmp_path)
+    if not refused:
+        check_device_decode(cfg)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_device_decode(cfg)
+    assert str(error.value) == ("augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs "
+                                "on cpu and cuda, not on trainer.accelerator=mps: use augment.device_decode=false")
