@@ -8,8 +8,9 @@ ships the uint8 crop (a quarter of the bytes pinned and copied) with the sample'
 - **uint8 workers** (``data.uint8_workers``, on by default): the worker runs the recipe's crop, flip and colour
   stages exactly as today, then draws random erasing's boxes with timm's own ``RandomErasing`` (on a probe that
   records instead of writing) and keeps torch's generator state from before the erasing noise. On the device:
-  ``/255`` and normalisation in float32 (IEEE-exact on every device), then the erasing noise regenerated on the
-  CPU from that state by timm's ``_get_pixels``. The batches are **bit-identical** to the CPU path.
+  ``/255`` and normalisation looked up in a table the CPU path's arithmetic computed on the host (no division on the
+  device, where CUDA's differs), then the erasing noise regenerated on the CPU from that state by timm's
+  ``_get_pixels``. The batches are **bit-identical** to the CPU path on every device.
 - **RandAugment on the device** (``augment.device=true``): the worker decodes (JPEG at a reduced DCT scale where
   the sampled crop is at least twice the output: the box is drawn from the header's size first), crops and
   flips, and runs timm's ``RandAugment`` with recording ops: every draw is timm's own, so crops, flips, ops and
