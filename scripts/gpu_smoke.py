@@ -14,7 +14,8 @@ form's one epoch times nothing) of a DeiT-S student distilled from a random-weig
     ddp x2 + ema     strategy=ddp trainer.devices=2 module.ema_decay=0.999 (only with 2 GPUs or more)
 
 and the data path a first ImageNet run takes, on a generated folder of photo-like JPEGs (ImageNet sizes; 16-64 px in
-the tiny form) and its pack (``deit_train.pack``'s ``pack_folder``, what ``python -m deit_train.pack`` runs), ``augment=deit``:
+the tiny form) and its pack (``deit_train.pack``'s ``pack_folder``, what ``python -m deit_train.pack`` runs),
+``augment=deit``:
 
     jpeg uint8           the folder, uint8 workers (the default): normalisation and erasing on the device
     jpeg device          augment.device=true (RandAugment on the device)
@@ -243,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in selected:
             row_common = data_overrides(row, common, sources, steps, args.tiny)
             teacher = jpeg_teacher if row.data != "fake" else teacher_file
-            results.append(measure(row, row_common, teacher, workdir, decode_steps=steps if args.tiny else DECODE_STEPS))
+            decode_steps = steps if args.tiny else DECODE_STEPS
+            results.append(measure(row, row_common, teacher, workdir, decode_steps=decode_steps))
             print(f"{row.name}: exit {results[-1]['exit']} in {results[-1]['wall_s']} s", flush=True)
     device = "CPU (tiny form)" if args.tiny else f"{gpus} x {torch.cuda.get_device_name()}"
     print(f"\nGPU smoke check: {device}, torch {torch.__version__}, batch {batch_size}, "

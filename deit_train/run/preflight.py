@@ -202,8 +202,8 @@ def check_device_decode(cfg: DictConfig) -> None:
         accelerator = "cuda" if torch.cuda.is_available() else (
             "mps" if torch.backends.mps.is_available() else "cpu" if accelerator == "auto" else "gpu")
     if accelerator not in ("cpu", "cuda"):
-        raise ConfigError(f"augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs on cpu "
-                          f"and cuda, not on trainer.accelerator={accelerator}: use augment.device_decode=false")
+        raise ConfigError(f"augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs on "
+                          f"cpu and cuda, not on trainer.accelerator={accelerator}: use augment.device_decode=false")
 
 
 def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: DictConfig) -> None:
