@@ -1,8 +1,9 @@
-"""The GPU smoke check: every path a first GPU run takes, through the CLI, in under 8 minutes on one GPU.
+"""The GPU smoke check: every path a first GPU run takes, through the CLI, within 8 minutes on one GPU (estimated:
+no GPU has run it yet).
 
-Each row is one ``python -m deit_train`` run on ``data=fake`` (2 epochs, the last timed, validation on; the tiny
-form's one epoch times nothing) of a DeiT-S student distilled from a random-weight RegNetY-16GF teacher file
-(``timm.create_model("regnety_160")`` saved locally; nothing is downloaded):
+Each row is one ``python -m deit_train`` run (2 epochs, the last timed, validation on; the tiny form's one epoch times
+nothing) of a DeiT-S student distilled from a random-weight RegNetY-16GF teacher file (``timm.create_model(
+"regnety_160")`` saved locally; nothing is downloaded), on ``data=fake``:
 
     plain            no distillation, bf16-mixed (the teacher share's reference)
     distill          bf16-mixed, teacher eager
@@ -33,7 +34,7 @@ against the same stage on the CPU for the same batch and draws; decode under loa
 class/distillation-token cosine curve (token diagnostics) is filled, and each run's exit code. A failing row is
 reported, not fatal; the script exits 1 when any row failed.
 
-    python scripts/gpu_smoke.py --json smoke.json  # on a GPU machine (budget: 8 minutes on one GPU)
+    python scripts/gpu_smoke.py --json smoke.json  # on a GPU machine (budget: 8 minutes on one GPU; not run yet)
     python scripts/gpu_smoke.py --tiny             # the reduced CPU form tests/test_gpu_smoke.py runs
 """
 from __future__ import annotations
@@ -140,17 +141,18 @@ def pack_jpegs(folder: Path, pack: Path, workers: int) -> None:
     pack_folder(folder, pack, workers=workers)
 
 
-def data_overrides(row: Row, common: list[str], sources: dict[str, Path], steps: int, tiny: bool) -> list[str]:
+def data_overrides(row: Row, common: list[str], sources: dict[str, Path], steps: int,
+                   decode_steps: int) -> list[str]:
     """``common`` with the row's data source: data=fake as it is, or the JPEG folder / pack with augment=deit (the
-    decode row trains long enough to compare ``DECODE_STEPS`` batches)."""
+    decode row trains long enough to compare ``decode_steps`` batches)."""
     if row.data == "fake":
         return common
     kept = [a for a in common if not a.startswith(("data=", "data.num_train=", "data.num_val="))]
     source = ["data=imagefolder" if row.data == "folder" else "data=shards", f"data.root={sources[row.data]}",
               "augment=deit"]
-    if row.compare == "decode" and not tiny:
+    if row.compare == "decode" and decode_steps > steps:
         kept = [a for a in kept if not a.startswith("trainer.max_epochs=")]
-        source.append(f"trainer.max_epochs={math.ceil(DECODE_STEPS / steps)}")
+        source.append(f"trainer.max_epochs={math.ceil(decode_steps / steps)}")
     return [*kept, *source]
 
 
@@ -215,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs per row, the last timed (default 2: the first warms up; tiny 1: no timing)")
     parser.add_argument("--batch-size", type=int, default=None, help="per device (default 64; tiny 4)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--decode-steps", type=int, default=None,
+                        help=f"decode under load: batches compared (default {DECODE_STEPS}; tiny: the epoch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -240,11 +244,11 @@ def main(argv: list[str] | None = None) -> int:
             if not (sources["pack"] / "pack.json").is_file():
                 pack_jpegs(sources["folder"], sources["pack"], workers=1 if args.tiny else 8)
             jpeg_teacher = random_teacher_file(workdir / "teacher_jpeg.pth", teacher_name, num_classes=JPEG_CLASSES)
+        decode_steps = args.decode_steps or (steps if args.tiny else DECODE_STEPS)
         results = []
         for row in selected:
-            row_common = data_overrides(row, common, sources, steps, args.tiny)
+            row_common = data_overrides(row, common, sources, steps, decode_steps)
             teacher = jpeg_teacher if row.data != "fake" else teacher_file
-            decode_steps = steps if args.tiny else DECODE_STEPS
             results.append(measure(row, row_common, teacher, workdir, decode_steps=decode_steps))
             print(f"{row.name}: exit {results[-1]['exit']} in {results[-1]['wall_s']} s", flush=True)
     device = "CPU (tiny form)" if args.tiny else f"{gpus} x {torch.cuda.get_device_name()}"
