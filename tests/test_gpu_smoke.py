@@ -12,9 +12,10 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import gpu_smoke  # noqa: E402
 
 ROWS = ["plain", "distill", "compiled", "ema", "cache write", "cache read", "fp16 + clip"]
-# of the data path's rows, the two that run all of it (the other three are their parts, trained under every precision
-# by test_gpu_paths): a tiny form of every row would add a minute to the suite
-JPEG_ROWS = ["pack bf16-true", "decode under load"]
+# of the data path's rows, the one that runs all of it (the pack, device decode, device RandAugment, erasing and the
+# decoded crops compared with the CPU's): its parts train under every *-true precision in test_gpu_paths, the stage
+# comparison of the other rows is checked in this process below; a tiny form of every row would add a minute
+JPEG_ROWS = ["decode under load"]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +40,8 @@ def test_every_row_runs_and_the_table_reports_it(smoke):
         assert r["img_s"] > 0 and r["peak_mb"] > 0 and r["peak_kind"] == "rss", r
         # each training step went through the probe; host syncs are CUDA's to count (n/a in the table)
         assert r["steps"] == 2 and r["syncs_per_step"] is None and "| n/a |" in table[2 + names.index(r["name"])], r
-        # the JPEG rows compared their device stage (decode under load: its decoded crops) with the CPU's, batch
-        # by batch (on the CPU the "device" is the CPU: 0 levels, which the GPU form measures against)
+        # the decode row compared its decoded crops with the CPU decode, batch by batch (on the CPU the "device" is
+        # the CPU: 0 levels, which the GPU form measures against)
         assert (r["compared"], r["max_diff"]) == ((2, 0) if r["name"] in JPEG_ROWS else (0, None)), r
         distilled = r["name"] != "plain"
         # the teacher's start-up line and the token diagnostics' curve exist exactly for the distilled rows
@@ -60,3 +61,34 @@ def test_a_failing_row_is_reported_not_fatal(tmp_path):
     assert result["exit"] != 0 and result["error"] and result["img_s"] is None and result["cosine"] is False
     line = gpu_smoke.table([result]).splitlines()[2]
     assert line.startswith(f"| broken | {result['exit']} |") and "broken failed:" in gpu_smoke.table([result])
+
+
+
+def test_the_stage_comparison_measures_grey_levels_against_the_cpu_run_of_the_same_batch(monkeypatch):
+    """scripts/smoke_probe.py's compare=stage (the JPEG rows): the device stage's output against the same stage run on
+    the CPU copy of the batch, in grey levels, for the first two batches only. Here the "device" run is made one
+    normalised unit off in one pixel of channel 0: std[0] x 255 = 63.75 levels."""
+    import smoke_probe
+    import torch
+
+    from deit_train.data.device_augment import DeviceFinish, DeviceImages
+
+    finish = DeviceFinish((0.5, 0.5, 0.5), (0.25, 0.5, 0.2))
+    batch = DeviceImages(torch.arange(2 * 3 * 4 * 4, dtype=torch.uint8).view(2, 3, 4, 4), {})
+    exact, original, runs = finish(batch), DeviceFinish.__call__, []
+
+    def device_one_unit_off(self, images):  # the comparison runs the device's call first, then the CPU's
+        out = original(self, images)
+        runs.append(None)
+        if len(runs) % 2:
+            out[0, 0, 0, 0] += 1.0
+        return out
+
+    monkeypatch.setattr(DeviceFinish, "__call__", device_one_unit_off)
+    stats = {"compared": 0, "max_diff": None}
+    smoke_probe._compare_stage(stats)
+    first = finish(batch)
+    assert stats["compared"] == 1 and stats["max_diff"] == pytest.approx(63.75, abs=1e-4)
+    assert first[0, 0, 0, 0] != exact[0, 0, 0, 0] and torch.equal(first.flatten()[1:], exact.flatten()[1:])
+    finish(batch), finish(batch)
+    assert stats["compared"] == 2 and len(runs) == 5  # the third batch is not compared: one run
