@@ -232,16 +232,16 @@ def test_two_processes_read_the_device_at_most_twice_per_step(tmp_path, digits_t
 
 def test_the_counter_sees_a_read_of_the_loss(tmp_path, digits_teacher_file, monkeypatch):
     """The counter itself: one ``.item()`` of the loss per step more is one read per step more."""
-    from deit_train.losses import DistillationLoss
+    from deit_train.losses import DeiTDistillation
 
     base = count_default_path(tmp_path / "base", digits_teacher_file).per_step("read")
-    original = DistillationLoss.forward
+    original = DeiTDistillation.terms
 
     def read_back(self, *args):
-        loss = original(self, *args)
-        loss.item()
-        return loss
+        terms = original(self, *args)
+        next(iter(terms.values())).item()
+        return terms
 
-    monkeypatch.setattr(DistillationLoss, "forward", read_back)
+    monkeypatch.setattr(DeiTDistillation, "terms", read_back)
     more = count_default_path(tmp_path / "more", digits_teacher_file).per_step("read")
     assert more == [n + 1 for n in base]

@@ -34,7 +34,7 @@ RANGES = {
         "teacher.min_val_top1", "module.mask_ratio")},
     **{option: (0.0, 1.0, False, True, "a fraction in (0, 1]") for option in ("data.train_fraction", "optim.layer_decay")},
     **{option: (0.0, 1.0, True, False, "a rate in [0, 1)") for option in (
-        "augment.label_smoothing", "distill.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
+        "augment.label_smoothing", "loss.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
     **{option: (0.0, float("inf"), True, False, "a number >= 0") for option in (
         "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "augment.mixup_alpha",
         "augment.cutmix_alpha")},
@@ -66,6 +66,7 @@ def preflight(cfg: DictConfig) -> None:
         if cfg.get("ckpt_path"):
             check_checkpoint_fits(cfg.ckpt_path, cfg)
         check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
+        check_device_decode(cfg)
     if is_global_zero():  # all checks passed: what the guard compares a later start with
         record_trained_config(trained, cfg.paths.output_dir)
 
@@ -81,6 +82,7 @@ def check_options(cfg: DictConfig) -> None:
     check_counts(cfg)
     check_ranges(cfg)
     check_fsdp_combinations(cfg)
+    check_half_precision(cfg)
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -176,6 +178,32 @@ def check_fsdp_combinations(cfg: DictConfig) -> None:
         # the class and distillation heads' weights are 1-d shards of different sizes under FULL_SHARD
         raise ConfigError("callbacks.token_diagnostics does not work with strategy=fsdp (the heads' weights are "
                           "sharded): use strategy=ddp, or drop it with ~callbacks.token_diagnostics")
+
+
+def check_half_precision(cfg: DictConfig) -> None:
+    """``trainer.precision=16-true`` keeps the weights and AdamW's moments in float16: with an ``optim.eps`` that
+    float16 rounds to 0 (the default 1e-8), the first step divides by zero wherever a small gradient's second moment
+    underflows, on every device: inf/nan weights after one step (measured: NaN at step 1 on the CPU)."""
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    eps = OmegaConf.select(cfg, "optim.eps", default=None, throw_on_resolution_failure=False)
+    if precision == "16-true" and _is_number(eps) and float(torch.tensor(eps, dtype=torch.float16)) == 0:
+        raise ConfigError(f"trainer.precision=16-true keeps AdamW's moments in float16, where optim.eps={eps:g} is 0 "
+                          "(the first step divides by zero): use trainer.precision=16-mixed or bf16-true, or set "
+                          "optim.eps=1e-4")
+
+
+def check_device_decode(cfg: DictConfig) -> None:
+    """``augment.device_decode=true`` decodes with ``torchvision.io.decode_jpeg`` on the training device: libjpeg-turbo
+    on the CPU, nvJPEG on CUDA, nothing on other accelerators (Apple's MPS)."""
+    if not OmegaConf.select(cfg, "augment.device_decode", default=False):
+        return
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    if accelerator in ("gpu", "auto"):
+        accelerator = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu" if accelerator == "auto" else "gpu")
+    if accelerator not in ("cpu", "cuda"):
+        raise ConfigError(f"augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs on "
+                          f"cpu and cuda, not on trainer.accelerator={accelerator}: use augment.device_decode=false")
 
 
 def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: DictConfig) -> None:

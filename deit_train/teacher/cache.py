@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 # options of the teacher group that configure this cache, not the teacher model
 CACHE_OPTIONS = ("cache_dir", "cache_topk", "cache_dtype", "cache_verify_every")
 # data options that change how fast images load, not which images a step sees
-# (uint8_workers: the uint8 path is bit-identical to the CPU path)
+# (uint8_workers: the uint8 path is bit-identical to the CPU path on every device: no division runs on the device)
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "recipe", "skip_corrupt", "cache_dir", "uint8_workers")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # gap below the k-th logit for the classes outside the top-k (finite, and exp(-gap) == 0 in fp32)
