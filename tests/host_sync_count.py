@@ -7,31 +7,21 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from test_host_syncs import DeviceSyncCounter  # noqa: E402
-
-from deit_train.modules.classification import ClassificationModule  # noqa: E402
+from test_host_syncs import counting  # noqa: E402
 
 
 def main() -> None:
-    counter = DeviceSyncCounter()
-    original_setup = ClassificationModule.setup
+    from deit_train.__main__ import main as train_main
 
-    def setup(module, stage):
-        original_setup(module, stage)
-        counter.mark(module, *(m for m in (module.teacher, module.ema) if m is not None))
-
-    ClassificationModule.setup = setup
-    counter.install()
-    try:
-        from deit_train.__main__ import main as train_main
-
-        train_main()
-    finally:
-        counts = {kind: counter.per_step(kind) for kind in ("read", "logging read", "copy")}
-        counts["sites"] = [{f"{kind} {site}": n for (kind, site), n in step.items()} for step in counter.steps]
-        rank = int(os.environ.get("LOCAL_RANK", 0))
-        with open(os.path.join(os.environ["COUNT_DIR"], f"rank{rank}.json"), "w") as handle:
-            json.dump(counts, handle, indent=1)
+    with counting() as counter:
+        try:
+            train_main()
+        finally:
+            counts = {kind: counter.per_step(kind) for kind in ("read", "logging read", "copy")}
+            counts["sites"] = [{f"{kind} {site}": n for (kind, site), n in step.items()} for step in counter.steps]
+            rank = int(os.environ.get("LOCAL_RANK", 0))
+            with open(os.path.join(os.environ["COUNT_DIR"], f"rank{rank}.json"), "w") as handle:
+                json.dump(counts, handle, indent=1)
 
 
 if __name__ == "__main__":

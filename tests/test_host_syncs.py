@@ -11,15 +11,16 @@ every step)."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import json
 import os
 import subprocess
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import torch
 from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -172,9 +173,9 @@ class DeviceSyncCounter(TorchDispatchMode):
         return [sum(n for (k, _), n in step.items() if k == kind) for step in self.steps]
 
 
-def count_default_path(tmp_path: Path, teacher_file: Path, *extra: str) -> DeviceSyncCounter:
-    """Train the default path for 5 batches with the counter on; the modules' weights are the device's."""
-    from deit_train.train import train
+@contextlib.contextmanager
+def counting() -> Iterator[DeviceSyncCounter]:
+    """A counter installed for the block, the LightningModule's weights (student, teacher, EMA) its device's."""
     from deit_train.modules.classification import ClassificationModule
 
     counter = DeviceSyncCounter()
@@ -187,10 +188,18 @@ def count_default_path(tmp_path: Path, teacher_file: Path, *extra: str) -> Devic
     ClassificationModule.setup = setup
     counter.install()
     try:
-        train(compose_config([*DEFAULT_PATH, f"teacher.checkpoint={teacher_file}", *extra], tmp_path / "run"))
+        yield counter
     finally:
         counter.uninstall()
         ClassificationModule.setup = original_setup
+
+
+def count_default_path(tmp_path: Path, teacher_file: Path, *extra: str) -> DeviceSyncCounter:
+    """Train the default path for 5 batches with the counter on."""
+    from deit_train.train import train
+
+    with counting() as counter:
+        train(compose_config([*DEFAULT_PATH, f"teacher.checkpoint={teacher_file}", *extra], tmp_path / "run"))
     assert len(counter.steps) == 5  # every batch was counted
     return counter
 
