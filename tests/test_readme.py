@@ -92,7 +92,11 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/benchmark_startup.py": ("not run", "a timed benchmark (a minute here)"),
     "python -m deit_train -m experiment=quickstart distill=none,soft,hard seed=0,1,2 hydra.sweep.dir=multirun/tab3_token":
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
-    "python -m deit_train -m experiment=quickstart model.distilled=false distill=soft,hard seed=0,1,2 "
+    "python -m deit_train experiment=deit_small_distill data.root=... teacher=ensemble "
+    "teacher@teacher.members.0=regnety_160 teacher.members.0.checkpoint=/path/regnety_160.pth "
+    "teacher@teacher.members.1=regnety_160 teacher.members.1.checkpoint=/path/other.pth teacher.combine=probs":
+        ("compose", "ImageNet and two teacher files"),
+    "python -m deit_train -m experiment=quickstart distill=kd,kd_hard seed=0,1,2 "
     "hydra.sweep.dir=multirun/tab3_cls": ("elsewhere", "test_losses.py"),
     "python scripts/compare_runs.py multirun/tab3_token multirun/tab3_cls --baseline distill=none --out tab3.png":
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
@@ -186,7 +190,8 @@ def test_readme_command_composes(command, tmp_path):
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     for override in overrides:  # plain values land where typed (group choices: composing at all checks them)
         key, value = override.split("=", 1)
-        if key not in groups and "/" not in key and not value.startswith(("{", "[")) and not key.startswith("hydra."):
+        if key not in groups and "/" not in key and "@" not in key and not value.startswith(("{", "[")) \
+                and not key.startswith("hydra."):
             assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (key, value)
 
 
