@@ -22,7 +22,8 @@ from deit_train.teacher import FrozenTeacher, TeacherEnsemble
 from deit_train.teacher.cache import TeacherLogitCache, build_teacher
 from deit_train.train import train
 
-B, C, TOL = 16, 10, 1e-6
+# float64 throughout: the brief asks 1e-6; the methods reach ~1e-14, so 1e-10 also catches a silent cast to float32
+B, C, TOL = 16, 10, 1e-10
 SHORT = ["experiment=quickstart", *FAST_DIGITS, "trainer.max_epochs=2", "trainer.limit_train_batches=3",
          "trainer.limit_val_batches=1", "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false",
          "test=false", "teacher.min_val_top1=0"]

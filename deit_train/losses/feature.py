@@ -15,6 +15,7 @@ Terms: the logit method's, and ``feature``.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -92,5 +93,6 @@ class FeatureDistillation(DistillationMethod):
         if student.features is None:
             raise ValueError("distill=feature needs the student's pooled features")
         projected = self.projector(student.features) if self.projector is not None else student.features
-        feature = REGRESSIONS[self.regression](projected.float(), self.teacher_features(teacher).float())
+        dtype = torch.promote_types(projected.dtype, torch.float32)  # bf16 students regress in fp32, float64 stays
+        feature = REGRESSIONS[self.regression](projected.to(dtype), self.teacher_features(teacher).to(dtype))
         return {**self.logit.terms(student, target, teacher), "feature": self.weight * feature}
