@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from deit_train.errors import ConfigError
-from deit_train.losses import CrossEntropyLabels, DeiTDistillation, StudentOutputs, TeacherOutputs
+from deit_train.losses import ClassHeadDistillation, CrossEntropyLabels, DeiTDistillation, StudentOutputs, TeacherOutputs
 from deit_train.models import is_distilled
 
 CLS = torch.tensor([[2.0, 0.0, 0.0]])
@@ -92,15 +92,16 @@ def test_bad_options_are_config_errors(kwargs):
 
 
 def test_usual_hard_distillation_without_token_trains_the_class_head_on_both_targets():
-    """Paper Tab. 3 "hard distillation" without distillation token: the class head learns y and argmax teacher."""
-    loss = loss_of(DeiTDistillation("hard", alpha=0.5), CLS, Y, None, TEACHER)
+    """Paper Tab. 3 "hard distillation" without distillation token (distill=kd_hard): the class head learns y and
+    argmax teacher."""
+    loss = loss_of(ClassHeadDistillation("kd_hard", alpha=0.5), CLS, Y, None, TEACHER)
     # CE([2,0,0], 0) = 0.2395447, CE([2,0,0], 2) = log(e^2 + 2) = 2.2395447
     assert loss.item() == pytest.approx(0.5 * 0.2395447 + 0.5 * 2.2395447, abs=1e-6)
 
 
 def test_usual_soft_distillation_without_token_matches_hinton_kd_on_the_class_head():
     tau, alpha = 2.0, 0.3
-    loss = loss_of(DeiTDistillation("soft", alpha=alpha, tau=tau), CLS, Y, None, TEACHER)
+    loss = loss_of(ClassHeadDistillation("kd", alpha=alpha, tau=tau), CLS, Y, None, TEACHER)
     kl = _kl_by_hand((0, 0, 1.5), (1.0, 0, 0))  # teacher and the class head at temperature 2
     assert loss.item() == pytest.approx((1 - alpha) * 0.2395447 + alpha * tau**2 * kl, abs=1e-6)
 
@@ -117,7 +118,7 @@ def test_usual_distillation_run_config_builds_a_token_free_student_learning_from
 
     from conftest import FAST_DIGITS, compose_config
 
-    cfg = compose_config(["experiment=quickstart", "model.distilled=false", "distill=soft", *FAST_DIGITS,
+    cfg = compose_config(["experiment=quickstart", "distill=kd", *FAST_DIGITS,
                           f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0"], tmp_path)
     module = instantiate(cfg.module)
     assert not is_distilled(module.student) and module.teacher is not None

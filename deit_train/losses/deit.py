@@ -11,9 +11,10 @@ the teacher term; ``L_y`` the label loss (``loss=ce``: cross-entropy, as the pap
 ``y`` may be hard labels or soft (mixup / label-smoothed) targets; the teacher always sees the same
 (augmented, mixed) images as the student, so only the class head ever sees ``y``.
 
-A student without distillation token (``model.distilled=false``) learns the teacher term on its class head,
-``z_d = z_s``: the paper's "usual distillation" rows of Table 3 (Hinton et al.'s soft, or hard labels).
-Terms: ``labels`` = (1 - alpha) L_y, ``teacher`` = alpha x the teacher term.
+``soft`` and ``hard`` train the distillation token (the student is built with one: ``model.distilled`` follows
+the method). The paper's "usual distillation" rows of Table 3, the same terms on the class head of a student
+without token (``z_d = z_s``), are ``distill=kd`` (Hinton et al.'s soft) and ``distill=kd_hard``
+(:mod:`deit_train.losses.kd`). Terms: ``labels`` = (1 - alpha) L_y, ``teacher`` = alpha x the teacher term.
 """
 from __future__ import annotations
 
@@ -41,7 +42,7 @@ class DeiTDistillation(DistillationMethod):
     """``distill=none|soft|hard|soft_paper`` (see the module docstring).
 
     Args:
-        distill_type: ``none``, ``soft`` or ``hard``.
+        distill_type: ``none``, ``soft`` or ``hard`` (``soft_paper`` is ``soft`` with the official values).
         alpha: weight of the teacher term; the class head gets ``1 - alpha``.
         tau: softmax temperature of the soft loss (ignored otherwise).
         kl_reduction: ``batchmean`` divides the KL sum by the batch size (the paper's per-sample mean);
@@ -50,6 +51,7 @@ class DeiTDistillation(DistillationMethod):
     """
 
     names = ("none", "soft", "hard")
+    on_token = True  # the teacher term trains the distillation head (kd: the class head)
 
     def __init__(
         self,
@@ -67,25 +69,42 @@ class DeiTDistillation(DistillationMethod):
         if kl_reduction not in ("batchmean", "mean"):
             raise ConfigError(f"distill.kl_reduction must be batchmean or mean, got {kl_reduction!r}")
         self.teacher_needs = frozenset() if distill_type == "none" else frozenset({"logits"})
+        self.student_needs = frozenset({"dist"}) if self.reads_token({"distill_type": distill_type}) else frozenset()
         self.alpha = alpha
         self.tau = tau
         self.kl_reduction = kl_reduction
 
+    @classmethod
+    def reads_token(cls, config) -> bool:
+        return cls.on_token and config["distill_type"] != "none"
+
+    @property
+    def target_kind(self) -> str:
+        """``soft`` or ``hard``: what the teacher term matches (``none``: no teacher term)."""
+        return self.distill_type
+
     def check(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        if "dist" in self.student_needs and not is_distilled(student):
+            raise ConfigError(f"distill={self.distill_type} trains the distillation token but model.distilled=false: "
+                              f"drop model.distilled=false (the student follows the method), or use distill="
+                              f"{'kd' if self.distill_type == 'soft' else 'kd_hard'} for the same term on the class "
+                              "head (the paper's usual distillation)")
         super().check(student, teacher)
-        if self.distill_type == "none" and is_distilled(student):
-            raise ConfigError("model.distilled=true but distill=none: the distillation head would learn nothing; "
-                              "use distill=soft|hard with a teacher, or model.distilled=false (CLS head only)")
+
+    def teacher_head(self, student: StudentOutputs) -> Tensor:
+        """The logits the teacher term trains: the distillation head's."""
+        if student.dist is None:
+            raise ValueError(f"distill={self.distill_type} needs the distillation head's logits")
+        return student.dist
 
     def terms(self, student: StudentOutputs, target: Tensor, teacher: TeacherOutputs | None) -> dict[str, Tensor]:
-        """``dist=None`` (no distillation token): the teacher term falls on the class head."""
         labels = self.label_loss(student.cls, target)
         if self.distill_type == "none":
             return {"labels": labels}
         teacher_logits = self.teacher_logits(teacher)
-        dist = student.dist if student.dist is not None else student.cls
-        if self.distill_type == "soft":
-            teacher_term = soft_distillation(dist, teacher_logits, self.tau, self.kl_reduction)
+        head = self.teacher_head(student)
+        if self.target_kind == "soft":
+            teacher_term = soft_distillation(head, teacher_logits, self.tau, self.kl_reduction)
         else:
-            teacher_term = F.cross_entropy(dist, teacher_logits.argmax(dim=-1))
+            teacher_term = F.cross_entropy(head, teacher_logits.argmax(dim=-1))
         return {"labels": (1.0 - self.alpha) * labels, "teacher": self.alpha * teacher_term}

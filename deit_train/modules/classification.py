@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationMethod, StudentOutputs, TeacherOutputs
-from deit_train.models.deit import forward_heads, is_distilled
+from deit_train.models.deit import forward_student, is_distilled
 from deit_train.teacher.network import FrozenTeacher
 from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
@@ -61,12 +61,13 @@ class ClassificationModule(RecipeTrainedModule):
     ) -> None:
         super().__init__()
         self._check(student, criterion, teacher)
+        criterion.bind(student, teacher if criterion.uses_teacher else None)  # its trainable parts (a projector)
         self.student = student
         # The frozen teacher is not a registered submodule (timm's distillation wraps only the student): DDP/FSDP
         # never broadcast or shard it, precision plugins never cast it, checkpoints never store it (it has its own
         # file); it places itself on the device in its own precision (setup, or its first forward).
         object.__setattr__(self, "teacher", teacher if criterion.uses_teacher else None)
-        self.forward_heads = torch.compile(forward_heads) if compile else forward_heads
+        self.forward_student = torch.compile(forward_student) if compile else forward_student
         self._teacher_hits = torch.zeros(2)  # (correct, seen) of the teacher during the sanity check
         self.criterion = criterion
         self.optim = optim
@@ -110,16 +111,24 @@ class ClassificationModule(RecipeTrainedModule):
         return self.criterion.predict(self.student_outputs(self.student, images))
 
     def student_outputs(self, student: nn.Module, images: Tensor) -> StudentOutputs:
-        """The student's heads on ``images`` (``student``: the trained network or its EMA)."""
-        cls, dist = self.forward_heads(student, images)
-        return StudentOutputs(cls=cls, dist=dist)
+        """The student's heads on ``images`` (``student``: the trained network or its EMA), and its pooled
+        features when the method reads them."""
+        cls, dist, features = self.forward_student(student, images, "features" in self.criterion.student_needs)
+        return StudentOutputs(cls=cls, dist=dist, features=features)
 
     def teacher_outputs(self, images: Tensor, source: nn.Module | None = None) -> TeacherOutputs | None:
         """What the method reads from the teacher on ``images`` (None when it reads nothing); ``source`` stands in
-        for the live teacher (the logit cache in training)."""
+        for the live teacher (the logit cache in training: it serves logits only, :class:`TeacherLogitCache`)."""
         if self.teacher is None:
             return None
+        if "features" in self.criterion.teacher_needs:
+            logits, features = self.teacher(images, features=True)
+            return TeacherOutputs(logits=logits, features=features)
         return TeacherOutputs(logits=(source if source is not None else self.teacher)(images))
+
+    def trained_parts(self) -> nn.Module | None:
+        """The method's trainable parts (a projector), trained beside the student; None when it has none."""
+        return self.criterion if any(p.requires_grad for p in self.criterion.parameters()) else None
 
     # ---- the EMA copy in checkpoints --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -140,6 +149,9 @@ class ClassificationModule(RecipeTrainedModule):
         self.ema.load_state_dict(ema_state)
 
     # ---- training -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.criterion.set_epoch(self.current_epoch)  # schedules inside the loss (DKD's warm-up)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
         if self.mixup is not None:
@@ -199,4 +211,5 @@ class ClassificationModule(RecipeTrainedModule):
 
     def parameter_counts(self) -> dict[str, int]:
         teacher = self.teacher.num_parameters if self.teacher is not None else 0
-        return {**super().parameter_counts(), "params/teacher": teacher}
+        method = sum(p.numel() for p in self.criterion.parameters() if p.requires_grad)
+        return {**super().parameter_counts(), "params/teacher": teacher, "params/method_trainable": method}

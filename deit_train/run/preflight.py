@@ -87,11 +87,23 @@ def check_options(cfg: DictConfig) -> None:
         return
     hydra_cfg = HydraConfig.get()
     task = list(hydra_cfg.overrides.task)
+    check_teacher_list(task)
     values = [o for o in task if "=" in o and o.lstrip("+~").partition("=")[0] not in hydra_cfg.runtime.choices]
     if any(isinstance(OmegaConf.select(cfg, o.lstrip("+~").partition("=")[0], default=None,
                                        throw_on_resolution_failure=False), str) for o in values):
         defaults = hydra.compose(config_name="train", overrides=[o for o in task if o not in values])
         check_number_overrides(cfg, values, defaults)
+
+
+def check_teacher_list(overrides: list[str]) -> None:
+    """``teacher=[a,b]`` would merge the two configs into one teacher (Hydra's group list): an ensemble is
+    ``teacher=ensemble`` with its members named."""
+    listed = next((o for o in overrides if o.lstrip("+").startswith("teacher=[")), None)
+    if listed:
+        names = [n.strip() for n in listed.split("[", 1)[1].rstrip("]").split(",")]
+        members = " ".join(f"teacher@teacher.members.{i}={n}" for i, n in enumerate(names))
+        raise ConfigError(f"{listed} would merge those teacher configs into one teacher: for an ensemble use "
+                          f"teacher=ensemble {members}")
 
 
 def check_ranges(cfg: DictConfig) -> None:

@@ -59,8 +59,14 @@ def build_teacher(config: DictConfig | None) -> nn.Module | None:
         return None
     from hydra.utils import instantiate
 
-    options = OmegaConf.to_container(config, resolve=True)
-    return instantiate({k: v for k, v in options.items() if k not in CACHE_OPTIONS})
+    options = _without_cache_options(OmegaConf.to_container(config, resolve=True))
+    if "members" in options:  # an ensemble: the members' own cache options are not theirs either
+        options["members"] = {name: _without_cache_options(member) for name, member in options["members"].items()}
+    return instantiate(options)
+
+
+def _without_cache_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in CACHE_OPTIONS}
 
 
 def dense_logits(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
@@ -350,7 +356,20 @@ class TeacherLogitCache(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self.check_serves(pl_module.criterion, pl_module.teacher.num_classes)
             pl_module.teacher_cache = self
+
+    def check_serves(self, method: nn.Module, num_classes: int) -> None:
+        """Stop with one line, before training, when the method reads more than this cache stores: the teacher's
+        pooled features (never stored), or every class's logit (``all_logits``) from a top-k with k < classes."""
+        needs, name = method.teacher_needs, method.distill_type
+        if "features" in needs:
+            raise ConfigError(f"distill={name} reads the teacher's pooled features, which teacher.cache_dir does not "
+                              "store (top-k logits only): set teacher.cache_dir=null (the teacher runs live)")
+        if "all_logits" in needs and self.topk < num_classes:
+            raise ConfigError(f"distill={name} needs every class's teacher logit but teacher.cache_topk={self.topk} "
+                              f"keeps {self.topk} of {num_classes}: set teacher.cache_topk={num_classes} (see "
+                              "docs/distillation.md for the bytes it takes) or teacher.cache_dir=null")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._trainer = trainer
