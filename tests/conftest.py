@@ -299,11 +299,11 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
     """Train ``overrides`` uninterrupted into ``tmp_path/whole``; then again into ``tmp_path/requeued``, killed at the
     5th loss call (3 training steps and 1 validation batch per epoch: inside epoch 1) and resumed in the same run
     directory from its ``last.ckpt``. Returns both runs' results."""
-    from deit_train.losses import DistillationLoss
+    from deit_train.losses import DeiTDistillation
     from deit_train.train import train
 
     whole = train(compose_config(overrides, tmp_path / "whole"))
-    original, calls = DistillationLoss.forward, []
+    original, calls = DeiTDistillation.terms, []
 
     def killed_in_epoch_1(self, *args):
         calls.append(1)
@@ -311,10 +311,10 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
             raise RuntimeError("preempted")
         return original(self, *args)
 
-    monkeypatch.setattr(DistillationLoss, "forward", killed_in_epoch_1)
+    monkeypatch.setattr(DeiTDistillation, "terms", killed_in_epoch_1)
     with pytest.raises(RuntimeError, match="preempted"):
         train(compose_config(overrides, tmp_path / "requeued"))
-    monkeypatch.setattr(DistillationLoss, "forward", original)
+    monkeypatch.setattr(DeiTDistillation, "terms", original)
     assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
     return whole, train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
 

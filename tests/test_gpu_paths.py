@@ -55,7 +55,7 @@ def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
     import lightning as L
 
     from deit_train.data import DigitsDataModule
-    from deit_train.losses import DistillationLoss
+    from deit_train.losses import DeiTDistillation
     from deit_train.models import create_deit
     from deit_train.modules import ClassificationModule
     from deit_train.modules.optim import OptimRecipe
@@ -65,7 +65,7 @@ def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
     student = create_deit(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           num_classes=10, distilled=False, drop_path_rate=0.0).to(torch.bfloat16)
     decay, name = 0.999, "blocks.0.attn.qkv.weight"
-    module = ClassificationModule(student, DistillationLoss("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
+    module = ClassificationModule(student, DeiTDistillation("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
     weights = []
 
     class Record(L.Callback):  # the student after each optimizer step, before the module's hook updates the EMA

@@ -34,7 +34,7 @@ RANGES = {
         "teacher.min_val_top1", "module.mask_ratio")},
     **{option: (0.0, 1.0, False, True, "a fraction in (0, 1]") for option in ("data.train_fraction", "optim.layer_decay")},
     **{option: (0.0, 1.0, True, False, "a rate in [0, 1)") for option in (
-        "augment.label_smoothing", "distill.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
+        "augment.label_smoothing", "loss.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
     **{option: (0.0, float("inf"), True, False, "a number >= 0") for option in (
         "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "augment.mixup_alpha",
         "augment.cutmix_alpha")},
