@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 
 from conftest import FAST_DIGITS, compose_config, cosine_lr, run_cli_in_process
 from deit_train.errors import ConfigError
+from deit_train.losses import BinaryCrossEntropyLabels
 from deit_train.models import create_deit
 from deit_train.modules import OptimRecipe
 
@@ -91,6 +92,7 @@ def test_deit3_small_builds_the_official_recipe(tmp_path):
     assert lrs == pytest.approx([1e-6, 4e-3, 1e-5])  # warmup-lr, --lr 4e-3 unscaled at 2048, main.py's --min-lr
     assert (cfg.model.init_values, cfg.model.drop_path_rate, cfg.augment.train_crop) == (1e-4, 0.05, "rrc")
     assert (cfg.augment.auto_augment, cfg.augment.re_prob, cfg.augment.label_smoothing) == ("3a", 0.0, 0.0)
+    assert isinstance(instantiate(cfg.distill).label_loss, BinaryCrossEntropyLabels)  # --bce-loss
     model = instantiate({**cfg.model, "num_classes": 1000})
     assert torch.equal(model.blocks[0].ls1.gamma, torch.full((384,), 1e-4))  # LayerScale at DeiT III's init
     base = compose_config(["experiment=deit3_base", "data.root=/data"], tmp_path)
