@@ -129,7 +129,8 @@ def last_k(run_dir: Path, sources: Sequence[Source], k: int) -> list[Source]:
 
 
 def check_one_run(sources: Sequence[Source]) -> None:
-    """Checkpoints of one run only: the same checkpoint folder recorded by their callbacks, the same model config."""
+    """Checkpoints of one run only: the same checkpoint folder recorded by their callbacks (a resumed run keeps its
+    folder; the weights' names and shapes are checked as they are averaged)."""
     def folders(source: Source) -> set:
         return {state.get("dirpath") for state in source.callbacks.values() if state.get("dirpath")}
 
@@ -138,9 +139,6 @@ def check_one_run(sources: Sequence[Source]) -> None:
         if folders(first) != folders(other):
             raise ConfigError(f"ckpts: {first.path} and {other.path} are checkpoints of different runs (saved to "
                               f"{sorted(folders(first))} and {sorted(folders(other))}): average one run's checkpoints")
-        if first.run_config.get("model") != other.run_config.get("model"):
-            raise ConfigError(f"ckpts: {first.path} and {other.path} store different model configs: average "
-                              "checkpoints of one run")
 
 
 def average_state_dicts(states: Sequence[dict[str, Tensor]], names: Sequence[str]) -> dict[str, Tensor]:

@@ -189,7 +189,8 @@ def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = N
     source = loaded.preprocessing_source + (f"; from the command line: {', '.join('data.' + k for k in overridden)}"
                                             if overridden else "")
     summary = (f"eval: ckpt={ckpt} ({loaded.kind}; architecture: {loaded.architecture}; heads: "
-               f"{'+'.join(loaded.heads)}; weights: {weights}) on data={data or data_config['_target_'].rsplit('.', 1)[-1]} "
+               f"{'+'.join(loaded.heads)}; weights: {weights}) "
+               f"on data={data or data_config['_target_'].rsplit('.', 1)[-1]} "
                f"split={split} ({images_seen} images)\n"
                f"preprocessing: {source}: {describe_preprocessing(data_config)}"
                + (f"\nnote: {loaded.preprocessing_note}" if loaded.preprocessing_note else ""))

@@ -12,7 +12,7 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import FAST_DIGITS, run_cli_in_process
+from conftest import FAST_DIGITS, compose_config, run_cli_in_process
 from deit_train import average as average_cli
 from deit_train import eval as eval_cli
 from deit_train import export as export_cli
@@ -23,6 +23,7 @@ from deit_train.eval import evaluate
 from deit_train.models import create_deit, read_state_dict
 from deit_train.predict import predict
 from deit_train.run.cli import run_main
+from deit_train.run.preflight import check_monitor
 
 EPOCHS = 3
 
@@ -99,6 +100,14 @@ def test_monitor_val_ema_keeps_the_best_ema_and_recent_checkpoints_the_last_epoc
     assert ema_top1[best_epoch] == pytest.approx(max(ema_top1.values()))
     recent = sorted(p.name for p in (run_dir / "checkpoints").glob("recent-*.ckpt"))
     assert recent == [f"recent-epoch{EPOCHS - 2:03d}.ckpt", f"recent-epoch{EPOCHS - 1:03d}.ckpt"]
+
+
+def test_monitoring_the_ema_without_one_is_one_line_before_training(tmp_path):
+    cfg = compose_config(["experiment=quickstart", "callbacks.model_checkpoint.monitor=val_ema/top1"], tmp_path)
+    with pytest.raises(ConfigError, match=r"^callbacks.model_checkpoint.monitor=val_ema/top1 but module.ema_decay=null"):
+        check_monitor(cfg)
+    check_monitor(compose_config(["experiment=quickstart", "callbacks.model_checkpoint.monitor=val_ema/top1",
+                                  "module.ema_decay=0.9"], tmp_path))
 
 
 # ---- weights=ema in eval, export, predict ---------------------------------------------------------------------

@@ -3,5 +3,5 @@ from deit_train.losses.base import DistillationMethod, StudentOutputs, TeacherOu
 from deit_train.losses.deit import DeiTDistillation, soft_distillation
 from deit_train.losses.labels import BinaryCrossEntropyLabels, CrossEntropyLabels
 
-__all__ = ["BinaryCrossEntropyLabels", "CrossEntropyLabels", "DeiTDistillation", "DistillationMethod", "StudentOutputs", "TeacherOutputs",
-           "soft_distillation"]
+__all__ = ["BinaryCrossEntropyLabels", "CrossEntropyLabels", "DeiTDistillation", "DistillationMethod",
+           "StudentOutputs", "TeacherOutputs", "soft_distillation"]

@@ -38,9 +38,9 @@ class BinaryCrossEntropyLabels(nn.Module):
     def __init__(self, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if label_smoothing != 0.0:
-            raise ConfigError(f"loss=bce with loss.label_smoothing={label_smoothing}: the official --bce-loss binarises "
-                              "the targets (targets.gt(0.0)), which makes every class of a smoothed target a positive; "
-                              "set loss.label_smoothing=0 (DeiT III's --smoothing 0.0)")
+            raise ConfigError(f"loss=bce with loss.label_smoothing={label_smoothing}: the official --bce-loss "
+                              "binarises the targets (targets.gt(0.0)), which makes every class of a smoothed target "
+                              "a positive; set loss.label_smoothing=0 (DeiT III's --smoothing 0.0)")
         self.label_smoothing = label_smoothing  # read by the augment recipe's Mixup (configs/augment/*.yaml)
         self._checked = False
 
