@@ -234,6 +234,14 @@ def test_average_bad_input_is_one_line_and_writes_nothing(ema_run, tmp_path, cap
     line = _one_line_error(average_cli, [f"ckpts=[{run_dir / 'checkpoints' / 'last.ckpt'},{tmp_path / 'other.ckpt'}]",
                                          f"out={tmp_path / 'x.ckpt'}"], capsys)
     assert "are checkpoints of different runs" in line
+    # the same run's record with weights of another shape
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    checkpoint["state_dict"]["student.head.weight"] = torch.zeros(7, 32)
+    torch.save(checkpoint, tmp_path / "reshaped.ckpt")
+    line = _one_line_error(average_cli, [f"ckpts=[{run_dir / 'checkpoints' / 'last.ckpt'},{tmp_path / 'reshaped.ckpt'}]",
+                                         f"out={tmp_path / 'x.ckpt'}"], capsys)
+    assert line.endswith("reshaped.ckpt differ in shape (['head.weight (10, 32) vs (7, 32)']): average checkpoints "
+                         "of one run")
     assert set((run_dir / "checkpoints").iterdir()) == written and not (tmp_path / "x.ckpt").exists()
 
 
