@@ -41,10 +41,11 @@ from deit_train.run.trained_model import Preprocessing
 
 USAGE = """usage: python -m deit_train.eval ckpt=<file or directory> [data=<name> data.root=<dir>] [model=<size>]
   [split=test|val] [data.<key>=<value> ...] [model.<key>=<value> ...] [batch_size=<data's>] [out=metrics.json]
-  [device=auto|cpu|cuda]
+  [device=auto|cpu|cuda] [weights=student|ema]
   ckpt: a .ckpt of this framework, an official DeiT .pth, a timm file or directory, a transformers directory;
   model= (deit_tiny, deit_small, deit_base, ...) for files that do not say their architecture"""
-DEFAULTS = {"ckpt": None, "split": "test", "data": {}, "model": {}, "batch_size": None, "out": None, "device": "auto"}
+DEFAULTS = {"ckpt": None, "split": "test", "data": {}, "model": {}, "batch_size": None, "out": None, "device": "auto",
+            "weights": "student"}
 SPLITS = ("test", "val")
 GROUPS = ("data", "model")  # `data=<name>` / `model=<name>` pick a config file of configs/<group>/
 CONFUSION_MAX_CLASSES = 100
@@ -132,8 +133,9 @@ def _device(device: str) -> torch.device:
 @torch.no_grad()
 def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = None, batch_size: int | None = None,
           device: str = "auto", data: str | None = None, model: str | None = None,
-          model_overrides: dict | None = None) -> EvalReport:
-    """Evaluate ``ckpt`` on ``split`` of the data set: the metrics, the confusion matrix and the summary line."""
+          model_overrides: dict | None = None, weights: str = "student") -> EvalReport:
+    """Evaluate ``ckpt`` on ``split`` of the data set: the metrics, the confusion matrix and the summary line.
+    ``weights="ema"`` scores the EMA of the student the checkpoint keeps (:func:`load_for_eval`)."""
     if split not in SPLITS:
         raise ConfigError(f"split={split} is not one of {', '.join(SPLITS)}")
     ckpt = Path(ckpt).expanduser()
@@ -142,7 +144,7 @@ def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = N
         raise ConfigError("model.<key> options need model=<size> to change (e.g. model=deit_small "
                           f"model.image_size=384): got {', '.join(f'model.{k}' for k in model_overrides)}")
     model_config = compose_group("model", model, model_overrides) if model else None
-    loaded = load_for_eval(ckpt, model_config, model)
+    loaded = load_for_eval(ckpt, model_config, model, weights)
     data_overrides = dict(data_overrides or {})
     data_config, overridden = data_config_for(loaded, data, data_overrides, model, ckpt)
     if batch_size is not None:
@@ -187,7 +189,8 @@ def score(ckpt: str | Path, split: str = "test", data_overrides: dict | None = N
     source = loaded.preprocessing_source + (f"; from the command line: {', '.join('data.' + k for k in overridden)}"
                                             if overridden else "")
     summary = (f"eval: ckpt={ckpt} ({loaded.kind}; architecture: {loaded.architecture}; heads: "
-               f"{'+'.join(loaded.heads)}) on data={data or data_config['_target_'].rsplit('.', 1)[-1]} "
+               f"{'+'.join(loaded.heads)}; weights: {weights}) "
+               f"on data={data or data_config['_target_'].rsplit('.', 1)[-1]} "
                f"split={split} ({images_seen} images)\n"
                f"preprocessing: {source}: {describe_preprocessing(data_config)}"
                + (f"\nnote: {loaded.preprocessing_note}" if loaded.preprocessing_note else ""))
@@ -202,9 +205,9 @@ def _synchronize(device: torch.device) -> None:
 
 def evaluate(ckpt: str | Path, split: str = "test", data_overrides: dict | None = None, batch_size: int | None = None,
              device: str = "auto", data: str | None = None, model: str | None = None,
-             model_overrides: dict | None = None) -> dict[str, float]:
+             model_overrides: dict | None = None, weights: str = "student") -> dict[str, float]:
     """``{"<split>/top1": ..., "<split>/top5": ..., "<split>/top1_cls": ..., "<split>/ce": ..., ...}``."""
-    return score(ckpt, split, data_overrides, batch_size, device, data, model, model_overrides).metrics
+    return score(ckpt, split, data_overrides, batch_size, device, data, model, model_overrides, weights).metrics
 
 
 def plot_confusion(confusion: torch.Tensor, class_names: Sequence[str], out: Path, title: str) -> Path:
@@ -248,9 +251,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise ConfigError(f"ckpt is not set: pass ckpt=<checkpoint file or directory>\n{USAGE}")
         report = score(cfg.ckpt, cfg.split, OmegaConf.to_container(cfg.data, resolve=True), cfg.batch_size,
                        cfg.device, choices.get("data"), choices.get("model"),
-                       OmegaConf.to_container(cfg.model, resolve=True))
+                       OmegaConf.to_container(cfg.model, resolve=True), cfg.weights)
         print(report.summary, file=sys.stderr)
-        payload = {"ckpt": str(cfg.ckpt), "summary": report.summary, **report.metrics}
+        payload = {"ckpt": str(cfg.ckpt), "weights": cfg.weights, "summary": report.summary, **report.metrics}
         if cfg.out:
             out = Path(cfg.out).expanduser()
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,8 +31,9 @@ from deit_train.run.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.export ckpt=<run_dir>/checkpoints/<name>.ckpt format=hf|timm out=<dir>
   [hf_class=auto|DeiTForImageClassificationWithTeacher|DeiTForImageClassification|ViTForImageClassification]
-  [tolerance=1e-4] [license=<SPDX id of the weights, format=timm>]"""
-DEFAULTS = {"ckpt": None, "format": "hf", "out": None, "hf_class": "auto", "tolerance": 1e-4, "license": None}
+  [tolerance=1e-4] [license=<SPDX id of the weights, format=timm>] [weights=student|ema]"""
+DEFAULTS = {"ckpt": None, "format": "hf", "out": None, "hf_class": "auto", "tolerance": 1e-4, "license": None,
+            "weights": "student"}
 # pretrained_cfg tag of weights trained here (timm's own say where theirs come from, e.g. fb_in1k)
 TIMM_TAG = "deit_train"
 HF_INSTALL = 'format=hf needs HF transformers: pip install -e ".[hf]" (or pip install "transformers>=4.44")'
@@ -264,8 +265,9 @@ def export_timm(trained: TrainedModel, out: Path, tolerance: float = 1e-4, licen
 
 
 def export(ckpt: str | Path, format: str, out: str | Path, hf_class: str = "auto", tolerance: float = 1e-4,
-           license: str | None = None) -> dict:
-    """Export ``ckpt`` to ``out``; returns what was written and the largest output difference found."""
+           license: str | None = None, weights: str = "student") -> dict:
+    """Export ``ckpt`` to ``out``; returns what was written and the largest output difference found.
+    ``weights="ema"`` exports the EMA the run kept (``module.ema_decay``): a plain model of the same class."""
     if format not in ("hf", "timm"):
         raise ConfigError(f"format={format} is not supported: use format=hf (transformers) or format=timm")
     if not out:
@@ -275,17 +277,17 @@ def export(ckpt: str | Path, format: str, out: str | Path, hf_class: str = "auto
             import transformers  # noqa: F401  (fail before the checkpoint is read)
         except ImportError as exc:
             raise ConfigError(HF_INSTALL) from exc
-    trained = load_trained_model(ckpt)
+    trained = load_trained_model(ckpt, weights=weights)
     out = Path(out).expanduser()
     if format == "hf":
-        return export_hf(trained, out, hf_class, tolerance)
-    return export_timm(trained, out, tolerance, license)
+        return {**export_hf(trained, out, hf_class, tolerance), "weights": weights}
+    return {**export_timm(trained, out, tolerance, license), "weights": weights}
 
 
 def main(cfg: DictConfig) -> None:
     if not cfg.ckpt:
         raise ConfigError(f"ckpt is not set: pass ckpt=<run_dir>/checkpoints/last.ckpt\n{USAGE}")
-    result = export(cfg.ckpt, cfg.format, cfg.out, cfg.hf_class, float(cfg.tolerance), cfg.license)
+    result = export(cfg.ckpt, cfg.format, cfg.out, cfg.hf_class, float(cfg.tolerance), cfg.license, cfg.weights)
     print(json.dumps(result, indent=2))
 
 

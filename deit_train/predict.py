@@ -32,9 +32,9 @@ from deit_train.run.trained_model import TrainedModel, load_trained_model
 
 USAGE = """usage: python -m deit_train.predict ckpt=<run_dir>/checkpoints/<name>.ckpt images=[a.png,b.png]|<folder>
   [top_k=5] [image_size=<training size>] [attention=false] [out=predictions] [batch_size=32] [device=cpu]
-  [skip_bad=false]"""
+  [skip_bad=false] [weights=student|ema]"""
 DEFAULTS = {"ckpt": None, "images": None, "top_k": 5, "image_size": None, "attention": False,
-            "out": "predictions", "batch_size": 32, "device": "cpu", "skip_bad": False}
+            "out": "predictions", "batch_size": 32, "device": "cpu", "skip_bad": False, "weights": "student"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -146,11 +146,11 @@ def top_k(logits: Tensor, class_names: Sequence[str], k: int) -> list[list[dict]
 
 def predict(ckpt: str | Path, images: str | Sequence[str], top_k_count: int = 5, image_size: int | None = None,
             attention: bool = False, out: str | Path | None = None, batch_size: int = 32,
-            device: str = "cpu", skip_bad: bool = False) -> list[dict]:
+            device: str = "cpu", skip_bad: bool = False, weights: str = "student") -> list[dict]:
     """One record per image: ``prediction`` (and ``cls_head``/``dist_head`` for distilled students) as top-k
     lists, and the attention PNG's path when ``attention``; with ``skip_bad``, ``{"image", "skipped"}`` for each
-    unreadable file."""
-    trained: TrainedModel = load_trained_model(ckpt, image_size=image_size)
+    unreadable file. ``weights="ema"``: the EMA the run kept instead of the student."""
+    trained: TrainedModel = load_trained_model(ckpt, image_size=image_size, weights=weights)
     if trained.task != "classification":
         raise ConfigError(f"ckpt={ckpt} is a {trained.task} checkpoint without a classifier: fine-tune it first "
                           f"(model.init_from={ckpt})")
@@ -219,7 +219,7 @@ def main(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt and images are required\n{USAGE}")
     images = cfg.images if isinstance(cfg.images, str) else list(cfg.images)
     records = predict(cfg.ckpt, images, int(cfg.top_k), cfg.image_size, bool(cfg.attention), cfg.out,
-                      int(cfg.batch_size), cfg.device, bool(cfg.skip_bad))
+                      int(cfg.batch_size), cfg.device, bool(cfg.skip_bad), cfg.weights)
     print(format_records(records))
 
 

@@ -127,7 +127,8 @@ def test_best(trainer: L.Trainer, module: L.LightningModule, datamodule) -> dict
     results: dict = {"best_checkpoint": best}
     if best and trainer.checkpoint_callback.best_model_score is not None:  # what chose it, beside last_epoch/
         results[f"best/{trainer.checkpoint_callback.monitor}"] = float(trainer.checkpoint_callback.best_model_score)
-    results.update({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("test/", "teacher/test"))})
+    results.update({k: float(v) for k, v in trainer.callback_metrics.items()
+                    if k.startswith(("test/", "test_ema/", "teacher/test"))})
     results.update(split_honesty(datamodule))
     return results
 
@@ -256,7 +257,10 @@ def print_summary(results: dict) -> None:
         table = Table("model", "top-1", "top-5", title="test accuracy")
         rows = [("teacher", "teacher/test_top1", None), ("student (prediction)", "test/top1", "test/top5"),
                 ("student cls head", "test/top1_cls", "test/top5_cls"),
-                ("student dist head", "test/top1_dist", "test/top5_dist")]
+                ("student dist head", "test/top1_dist", "test/top5_dist"),
+                ("EMA (prediction)", "test_ema/top1", "test_ema/top5"),
+                ("EMA cls head", "test_ema/top1_cls", "test_ema/top5_cls"),
+                ("EMA dist head", "test_ema/top1_dist", "test_ema/top5_dist")]
         for name, top1, top5 in rows:
             if top1 in results:
                 table.add_row(name, _fmt(results[top1]), _fmt(results.get(top5)))

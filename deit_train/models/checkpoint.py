@@ -16,18 +16,36 @@ log = logging.getLogger(__name__)
 
 # Prefixes wrappers put in front of the network's own keys: our LightningModules, DDP, torch.compile.
 _WRAPPER_PREFIXES = ("student.", "module.", "_orig_mod.")
+# Which weights of a checkpoint to read (the ``weights=`` option of eval, export, predict and average): the trained
+# student, or the EMA of it a run kept (``module.ema_decay``)
+WEIGHTS = ("student", "ema")
+# Where other trainers keep their EMA: the official DeiT main.py (``model_ema``), timm's train.py (``state_dict_ema``)
+_EMA_CHECKPOINT_KEYS = ("model_ema", "state_dict_ema")
+# The EMA's keys in a checkpoint of this project, beside ``student.`` (ClassificationModule.on_save_checkpoint)
+EMA_PREFIX = "ema."
 # Keys a student may start without: a new classifier, for a CLS-only source the distillation token, and for a
 # mean-pooled student (global_pool=avg) the norm after pooling.
 _NEWLY_INITIALISED = ("head.", "head_dist.", "dist_token", "fc_norm.")
 
 
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+def check_weights(weights: str) -> None:
+    if weights not in WEIGHTS:
+        raise ConfigError(f"weights={weights} is not one of {', '.join(WEIGHTS)}")
+
+
+def read_state_dict(path: str | Path, weights: str = "student") -> dict[str, Tensor]:
     """Weights from a plain state dict, a timm/official-DeiT file (``model`` key), a Lightning
     checkpoint of this project (``state_dict`` with ``student.`` keys), a SimMIM pretraining checkpoint
     (its encoder's keys become the student's; ``mask_token`` and ``decoder.*`` stay), a ``.safetensors`` file
-    or an HF transformers DeiT/ViT directory."""
+    or an HF transformers DeiT/ViT directory.
+
+    ``weights="ema"``: the EMA of the student instead (``ema.*`` keys of our checkpoints, ``model_ema`` of the
+    official DeiT's, ``state_dict_ema`` of timm's); one line naming the option when the file has none."""
+    check_weights(weights)
     path = Path(path).expanduser()
     if is_hf_directory(path):  # a transformers save_pretrained directory: converted to timm keys
+        if weights == "ema":
+            raise _no_ema(path, "a transformers directory holds one set of weights")
         return read_hf_directory(path)
     if not path.is_file():
         raise ConfigError(f"checkpoint file {path} does not exist: check the path you passed")
@@ -41,6 +59,8 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             checkpoint = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:  # torch raises many types for a damaged file
         raise ConfigError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+    if weights == "ema":
+        return {_strip_prefixes(k): v for k, v in _ema_state(checkpoint, path).items()}
     for key in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -50,6 +70,26 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     if any(k.startswith("student.") for k in checkpoint):  # drop the teacher and EMA copies of a LightningModule
         checkpoint = {k: v for k, v in checkpoint.items() if k.startswith("student.")}
     return _simmim_encoder_as_student({_strip_prefixes(k): v for k, v in checkpoint.items()})
+
+
+def _no_ema(path: Path, why: str) -> ConfigError:
+    return ConfigError(f"weights=ema: {path} has no EMA weights ({why}): use weights=student, or train with "
+                       "module.ema_decay=<decay> (e.g. 0.99996)")
+
+
+def _ema_state(checkpoint, path: Path) -> dict[str, Tensor]:
+    """The EMA's state dict in a loaded checkpoint (keys still carrying their wrappers' prefixes)."""
+    if not isinstance(checkpoint, dict):
+        raise _no_ema(path, "it holds no state dict")
+    for key in _EMA_CHECKPOINT_KEYS:
+        if isinstance(checkpoint.get(key), dict):
+            return checkpoint[key]
+    state = checkpoint.get("state_dict") if isinstance(checkpoint.get("state_dict"), dict) else checkpoint
+    ema = {k[len(EMA_PREFIX):]: v for k, v in state.items() if k.startswith(EMA_PREFIX) and isinstance(v, Tensor)}
+    if not ema:
+        raise _no_ema(path, "the run trained with module.ema_decay=null" if any(k.startswith("student.") for k in state)
+                      else f"no {EMA_PREFIX}*, {' or '.join(_EMA_CHECKPOINT_KEYS)} keys")
+    return ema
 
 
 def _simmim_encoder_as_student(state: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -105,12 +145,13 @@ def load_exact(model: nn.Module, state: dict[str, Tensor], source: str, hint: st
                           f"unexpected {unexpected[:6]}{'...' if len(unexpected) > 6 else ''}; {hint}")
 
 
-def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple[str, ...] = ()) -> None:
+def load_student_weights(model: nn.Module, path: str | Path, strict_extra: tuple[str, ...] = (),
+                         weights: str = "student") -> None:
     """Start ``model`` from ``path``: every backbone weight must be there; only the classifier heads
     (when the class count differs or the source has no such head) and the distillation token may be new.
     Position embeddings are interpolated when the resolution differs. From a SimMIM checkpoint the encoder
-    is loaded and its mask token and pixel decoder are left behind."""
-    state = read_state_dict(path)
+    is loaded and its mask token and pixel decoder are left behind. ``weights``: see :func:`read_state_dict`."""
+    state = read_state_dict(path, weights)
     if "mask_token" in state:
         strict_extra = (*strict_extra, *PRETRAINING_ONLY_KEYS)
     target = model.state_dict()

@@ -19,14 +19,12 @@ from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
 from deit_train.losses import DistillationMethod, StudentOutputs, TeacherOutputs
+from deit_train.models.checkpoint import EMA_PREFIX
 from deit_train.models.deit import forward_student, is_distilled
 from deit_train.teacher.network import FrozenTeacher
 from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
 from deit_train.modules.optim import OptimRecipe, RecipeTrainedModule
-
-
-_EMA_PREFIX = "ema."  # the EMA's keys in a checkpoint's state dict, beside ``student.``
 
 
 def _frozen_ema(student: nn.Module, decay: float) -> ModelEmaV3:
@@ -81,8 +79,9 @@ class ClassificationModule(RecipeTrainedModule):
             stage: EvalMetrics(stage, num_classes, is_distilled(student), self.teacher is not None)
             for stage in ("val", "test")
         })
-        if self.ema is not None:
+        if self.ema is not None:  # the EMA is scored beside the student: val_ema/*, and test_ema/* in the test phase
             self.ema_metrics = EvalMetrics("val_ema", num_classes, is_distilled(student), False)
+            self.test_ema_metrics = EvalMetrics("test_ema", num_classes, is_distilled(student), False)
         self._batch_started = 0.0
         self.teacher_cache = None  # a TeacherLogitCache (teacher.cache_dir) stands in for the teacher in training
         self._ema_step = 0
@@ -134,14 +133,14 @@ class ClassificationModule(RecipeTrainedModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)  # the lr schedule's shape (RecipeTrainedModule)
         if self.ema is not None:
-            checkpoint["state_dict"].update({f"{_EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()})
+            checkpoint["state_dict"].update({f"{EMA_PREFIX}{k}": v for k, v in self.ema.state_dict().items()})
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restores the EMA (and takes its keys out of the state dict the student loads strictly from). A checkpoint
         of a run without EMA starts the EMA at its student's weights, as timm's EMA starts at the loaded model."""
         super().on_load_checkpoint(checkpoint)
         state = checkpoint["state_dict"]
-        ema_state = {k[len(_EMA_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(_EMA_PREFIX)]}
+        ema_state = {k[len(EMA_PREFIX):]: state.pop(k) for k in [k for k in state if k.startswith(EMA_PREFIX)]}
         if self.ema is None:
             return
         if not ema_state:
@@ -194,11 +193,15 @@ class ClassificationModule(RecipeTrainedModule):
         for name, metric in metrics.loggable().items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")
 
+    def _evaluate_ema(self, metrics: EvalMetrics, batch) -> None:
+        """The EMA in float32 (_frozen_ema), also where a *-true precision made the batch bf16/fp16."""
+        images, target = batch
+        self._evaluate(metrics, self.ema.module, (images.float(), target), with_loss=False)
+
     def validation_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["val"], self.student, batch, with_loss=True)
-        if self.ema is not None:  # float32 (_frozen_ema), also where a *-true precision made the batch bf16/fp16
-            images, target = batch
-            self._evaluate(self.ema_metrics, self.ema.module, (images.float(), target), with_loss=False)
+        if self.ema is not None:
+            self._evaluate_ema(self.ema_metrics, batch)
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking and self._teacher_hits[1] > 0:  # the teacher must know these images
@@ -208,6 +211,8 @@ class ClassificationModule(RecipeTrainedModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         self._evaluate(self.metrics["test"], self.student, batch, with_loss=True)
+        if self.ema is not None:  # the tested checkpoint's EMA (restored by on_load_checkpoint)
+            self._evaluate_ema(self.test_ema_metrics, batch)
 
     def parameter_counts(self) -> dict[str, int]:
         teacher = self.teacher.num_parameters if self.teacher is not None else 0

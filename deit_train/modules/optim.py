@@ -1,4 +1,5 @@
-"""The DeiT optimisation recipe: AdamW with the linear lr scaling rule and a per-step cosine schedule.
+"""The DeiT optimisation recipe: AdamW with the linear lr scaling rule and a per-step cosine schedule; also LAMB
+(DeiT III) and SGD with momentum (the DeiT paper's transfer fine-tuning), and DeiT III's unscaled lr.
 
 Everything is timm's: ``create_optimizer_v2`` (no weight decay on norms, biases, position embedding and
 the cls/dist tokens -- the model's ``no_weight_decay()``), ``CosineLRScheduler`` stepped every optimizer
@@ -89,12 +90,19 @@ class RecipeCosineScheduler(CosineLRScheduler):
         pass
 
 
+# The optimizers a recipe names (timm's registry names): the Adam family and LAMB take betas and eps, SGD momentum
+_ADAPTIVE = ("adamw", "adam", "lamb")
+_SGD = "sgd"
+
+
 @dataclass
 class OptimRecipe:
     """Optimizer + schedule hyper-parameters (defaults: DeiT paper, Tab. 9).
 
-    ``lr = base_lr x global_batch / reference_batch``; warmup and the cosine decay are counted in
-    optimizer steps (the epoch values are converted with the number of steps per epoch).
+    ``lr = base_lr x global_batch / reference_batch`` (``scale_lr=false``: ``lr = base_lr``, the official
+    ``--unscale-lr``); warmup and the cosine decay are counted in optimizer steps (the epoch values are converted
+    with the number of steps per epoch). ``name``: ``adamw``, ``adam``, ``lamb`` (timm's Lamb) take ``betas`` and
+    ``eps``; ``sgd`` takes ``momentum`` and ``nesterov``.
     """
 
     name: str = "adamw"
@@ -103,6 +111,9 @@ class OptimRecipe:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    momentum: float = 0.9
+    nesterov: bool = False
+    scale_lr: bool = True
     layer_decay: float | None = None
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
@@ -111,8 +122,26 @@ class OptimRecipe:
     # DeiT's main.py scales only the lr
     scale_warmup_and_min_lr: bool = False
 
+    def __post_init__(self) -> None:
+        if self.name.lower() not in (*_ADAPTIVE, _SGD):
+            raise ConfigError(f"optim.name={self.name} is not one of {', '.join((*_ADAPTIVE, _SGD))}: pick the "
+                              "optim=<name> config (adamw, lamb, sgd)")
+        if self.scale_warmup_and_min_lr and not self.scale_lr:
+            raise ConfigError("optim.scale_warmup_and_min_lr=true scales warmup_lr and min_lr by the batch while "
+                              "optim.scale_lr=false keeps the lr as given: set one of them the other way")
+
     def lr(self, global_batch: int) -> float:
+        if not self.scale_lr:  # the official main.py's --unscale-lr: the lr as given, whatever the batch
+            return self.base_lr
         return self.base_lr * global_batch / self.reference_batch
+
+    def optimizer_options(self) -> dict:
+        """timm's name and the options of the chosen optimizer: timm's ``sgd`` is SGD with Nesterov momentum, its
+        ``momentum`` the same without Nesterov."""
+        name = self.name.lower()
+        if name == _SGD:
+            return {"opt": "sgd" if self.nesterov else "momentum", "momentum": self.momentum}
+        return {"opt": name, "betas": tuple(self.betas), "eps": self.eps}
 
     def bounds(self, global_batch: int) -> tuple[float, float]:
         """(warmup start lr, final lr) for ``global_batch``."""
@@ -121,11 +150,12 @@ class OptimRecipe:
 
     def check(self, global_batch: int) -> None:
         peak = self.lr(global_batch)
+        how = (f"optim.base_lr={self.base_lr:g} x global batch {global_batch} / optim.reference_batch="
+               f"{self.reference_batch}" if self.scale_lr else f"optim.base_lr={self.base_lr:g}, optim.scale_lr=false")
         for option, value in zip(("warmup_lr", "min_lr"), self.bounds(global_batch)):
             if value > peak:
                 raise ConfigError(
-                    f"optim.{option}={value:.3g} is above the peak lr {peak:.3g} (optim.base_lr={self.base_lr:g} x "
-                    f"global batch {global_batch} / optim.reference_batch={self.reference_batch}), so the schedule "
+                    f"optim.{option}={value:.3g} is above the peak lr {peak:.3g} ({how}), so the schedule "
                     f"would rise: lower optim.{option} or raise optim.base_lr or the batch size")
 
     def kernel_options(self, model: nn.Module, clipped_under_amp: bool = False) -> dict:
@@ -152,8 +182,8 @@ class OptimRecipe:
         if extra is not None:
             params += param_groups(extra, self.weight_decay)
         optimizer = create_optimizer_v2(
-            params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
-            betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model, clipped_under_amp),
+            params, lr=self.lr(global_batch), weight_decay=self.weight_decay, **self.optimizer_options(),
+            **self.kernel_options(model, clipped_under_amp),
         )
         warmup_lr, min_lr = self.bounds(global_batch)
         warmup_steps = min(int(round(self.warmup_epochs * steps_per_epoch)), max(total_steps - 1, 0))

@@ -23,7 +23,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
-from deit_train.models.checkpoint import load_exact, read_state_dict
+from deit_train.models.checkpoint import check_weights, load_exact, read_state_dict
 from deit_train.models.deit import create_deit, is_distilled
 from deit_train.models.hf_convert import is_hf_directory, read_hf_config
 from deit_train.run.trained_model import CHECKPOINT_KEY, Preprocessing, build_model, load_trained_model, read_run_config
@@ -85,9 +85,12 @@ def checkpoint_kind(path: Path) -> str:
     return "state_dict"
 
 
-def load_for_eval(ckpt: str | Path, model_config: dict | None = None, model_choice: str | None = None) -> EvalModel:
+def load_for_eval(ckpt: str | Path, model_config: dict | None = None, model_choice: str | None = None,
+                  weights: str = "student") -> EvalModel:
     """The network in ``ckpt`` (any format above). ``model_config`` (a resolved ``model`` group config,
-    ``model_choice`` its name for messages) is the architecture of files that do not say theirs."""
+    ``model_choice`` its name for messages) is the architecture of files that do not say theirs. ``weights="ema"``:
+    the EMA a training run kept (ours, the official DeiT's ``model_ema``, timm's ``state_dict_ema``)."""
+    check_weights(weights)
     path = Path(ckpt).expanduser()
     kind = checkpoint_kind(path)
     if path.is_file() and kind.endswith("_dir"):
@@ -96,18 +99,21 @@ def load_for_eval(ckpt: str | Path, model_config: dict | None = None, model_choi
         where = "its stored run config" if kind == "lightning" else f"{path / 'config.json'}"
         raise ConfigError(f"model={model_choice} does not apply: ckpt={path} says its architecture ({where}); "
                           "drop model= and model.* options")
+    if kind.endswith("_dir") and weights == "ema":
+        raise ConfigError(f"weights=ema: ckpt={path} is a {kind.split('_')[0]} directory, which holds one set of "
+                          "weights (an export of the EMA holds the EMA): use weights=student")
     if kind == "lightning":
-        return _lightning(path)
+        return _lightning(path, weights)
     if kind == "timm_dir":
         return _timm_directory(path)
     if kind == "transformers_dir":
         return _transformers_directory(path)
-    return _state_dict_file(path, model_config, model_choice)
+    return _state_dict_file(path, model_config, model_choice, weights)
 
 
-def _read(path: Path) -> dict[str, Tensor]:
+def _read(path: Path, weights: str = "student") -> dict[str, Tensor]:
     try:
-        return read_state_dict(path)
+        return read_state_dict(path, weights)
     except ConfigError as exc:
         raise ConfigError(f"ckpt={path}: {exc}") from exc
 
@@ -130,8 +136,8 @@ _SIZE_HINT = ("set model= to the size the file was trained as (deit_tiny, deit_s
               "model.hidden_size/patch_size/mlp_ratio/num_hidden_layers/image_size")
 
 
-def _state_dict_file(path: Path, model_config: dict | None, model_choice: str | None) -> EvalModel:
-    state = _read(path)
+def _state_dict_file(path: Path, model_config: dict | None, model_choice: str | None, weights: str) -> EvalModel:
+    state = _read(path, weights)
     _require_classifier(state, path)
     if model_config is None:
         from deit_train.run.config import CONFIG_DIR
@@ -149,8 +155,8 @@ def _state_dict_file(path: Path, model_config: dict | None, model_choice: str | 
                      paper_preprocessing(size), "paper")
 
 
-def _lightning(path: Path) -> EvalModel:
-    trained = load_trained_model(path)
+def _lightning(path: Path, weights: str) -> EvalModel:
+    trained = load_trained_model(path, weights=weights)
     if trained.task != "classification":
         raise ConfigError(f"ckpt={path} is a SimMIM pretraining checkpoint: it has no classifier to evaluate; "
                           "evaluate a fine-tuned one")

@@ -63,6 +63,8 @@ def preflight(cfg: DictConfig) -> None:
         check_paths(cfg, skip=("teacher.checkpoint",) if teacher_to_bootstrap(cfg) else ())
         count_classes(cfg)  # the data source's own checks (root, class count)
         check_student(cfg)
+        if "loss" in cfg:  # the label loss's own checks (loss=bce refuses label smoothing)
+            _instantiate(cfg.loss)
         if cfg.get("ckpt_path"):
             check_checkpoint_fits(cfg.ckpt_path, cfg)
         check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
@@ -83,6 +85,7 @@ def check_options(cfg: DictConfig) -> None:
     check_ranges(cfg)
     check_fsdp_combinations(cfg)
     check_half_precision(cfg)
+    check_monitor(cfg)
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
@@ -104,6 +107,16 @@ def check_teacher_list(overrides: list[str]) -> None:
         members = " ".join(f"teacher@teacher.members.{i}={n}" for i, n in enumerate(names))
         raise ConfigError(f"{listed} would merge those teacher configs into one teacher: for an ensemble use "
                           f"teacher=ensemble {members}")
+
+
+def check_monitor(cfg: DictConfig) -> None:
+    """The best checkpoint's metric must be one the run logs: ``val_ema/*`` only with an EMA (Lightning would
+    raise after the first epoch)."""
+    monitor = OmegaConf.select(cfg, "callbacks.model_checkpoint.monitor", default=None)
+    if isinstance(monitor, str) and monitor.startswith("val_ema/") and not OmegaConf.select(
+            cfg, "module.ema_decay", default=None):
+        raise ConfigError(f"callbacks.model_checkpoint.monitor={monitor} but module.ema_decay=null: the run keeps no "
+                          "EMA to score; set module.ema_decay=<decay> (e.g. 0.99996) or monitor val/top1")
 
 
 def check_ranges(cfg: DictConfig) -> None:

@@ -71,6 +71,7 @@ class TrainedModel:
     preprocessing: Preprocessing
     source: str
     task: str = "classification"  # or "simmim": ``model`` is then a SimMIM network (encoder + pixel decoder)
+    weights: str = "student"  # which of the checkpoint's weights ``model`` holds: the student's or its EMA's
 
 
 def _config_beside(path: Path) -> dict:
@@ -130,14 +131,14 @@ def _num_classes(state: dict, model_config: dict) -> int:
     return int(model_config.get("num_classes") or 0)
 
 
-def load_trained_model(path: str | Path, image_size: int | None = None) -> TrainedModel:
+def load_trained_model(path: str | Path, image_size: int | None = None, weights: str = "student") -> TrainedModel:
     """The student of a Lightning checkpoint, in eval mode. ``image_size`` rebuilds it for another resolution
-    (position embeddings interpolated)."""
+    (position embeddings interpolated); ``weights="ema"`` loads the EMA the run kept instead of the student."""
     meta = read_run_config(path)
     model_config, data = meta.get("model") or {}, meta.get("data") or {}
     if "_target_" not in model_config:
         raise ConfigError(f"checkpoint {path} has no model config with _target_")
-    state = read_state_dict(path)
+    state = read_state_dict(path, weights)
     num_classes = _num_classes(state, model_config)
     if "mask_token" in state:
         return _load_simmim(path, state, model_config, num_classes, data, meta)
@@ -145,7 +146,7 @@ def load_trained_model(path: str | Path, image_size: int | None = None) -> Train
         from deit_train.models.checkpoint import load_student_weights
 
         model = build_model(model_config, num_classes, image_size)
-        load_student_weights(model, path)
+        load_student_weights(model, path, weights=weights)
     else:
         model = build_model(model_config, num_classes)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -156,7 +157,7 @@ def load_trained_model(path: str | Path, image_size: int | None = None) -> Train
     preprocessing = preprocessing_from(data, int(model_config.get("image_size") or 224))
     if image_size is not None:
         preprocessing.image_size = image_size
-    return TrainedModel(model.eval(), model_config, class_names, preprocessing, str(path))
+    return TrainedModel(model.eval(), model_config, class_names, preprocessing, str(path), weights=weights)
 
 
 def _load_simmim(path, state: dict, model_config: dict, num_classes: int, data: dict, meta: dict) -> TrainedModel:
