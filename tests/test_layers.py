@@ -17,7 +17,7 @@ LAYERS = [
     ["deit_train.compare"],
     # the commands, and the package root (its __init__ alone) that registers the config resolvers
     ["deit_train.train", "deit_train.__main__", "deit_train.eval", "deit_train.export", "deit_train.predict",
-     "deit_train.benchmark", "deit_train.teacher_cache", "deit_train.pack", "deit_train"],
+     "deit_train.benchmark", "deit_train.teacher_cache", "deit_train.pack", "deit_train.average", "deit_train"],
 ]
 ROOT_PACKAGE = "deit_train"
 
