@@ -279,9 +279,8 @@ def digits_deit():
     return model.eval()
 
 
-@pytest.fixture
-def teacher_calls(monkeypatch):
-    """Training-time teacher forwards (validation runs without grad and is not counted)."""
+def count_teacher_calls(monkeypatch) -> Callable[[], int]:
+    """Training-time teacher forwards from now on (validation runs without grad and is not counted)."""
     calls = []
     from deit_train.teacher import FrozenTeacher
 
@@ -293,6 +292,12 @@ def teacher_calls(monkeypatch):
 
     monkeypatch.setattr(FrozenTeacher, "forward", counting)
     return lambda: sum(calls)
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """:func:`count_teacher_calls` for one test."""
+    return count_teacher_calls(monkeypatch)
 
 
 def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
