@@ -59,9 +59,9 @@ def open_study(storage: BaseStorage, name: str, direction: str, identity: dict[s
         study.set_user_attr(SAMPLER_SEED, seed if seed is not None else random.SystemRandom().randrange(2**31))
     elif stored != identity:
         differing = [key for key in sorted(identity.keys() | stored.keys()) if identity.get(key) != stored.get(key)]
-        raise ConfigError(f"hydra.sweeper.study_name={name} in this storage is a search with another {' and '.join(differing)}: "
-                          "pass another hydra.sweeper.study_name (or storage) to start a new study, or the same "
-                          "search to continue it")
+        raise ConfigError(f"hydra.sweeper.study_name={name} in this storage is another search (differing in "
+                          f"{' and '.join(differing)}): pass another hydra.sweeper.study_name (or storage) to "
+                          "start a new study, or the same search to continue it")
     return study
 
 

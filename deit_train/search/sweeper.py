@@ -60,7 +60,8 @@ class OptunaSearch:
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # our lines say what happens, once
         with one_line_errors():
             study, space, fixed = self._prepare(arguments)
-        returns = self._run(study, space, fixed)
+        with one_line_errors():  # too many failed trials
+            returns = self._run(study, space, fixed)
         finish_report(study, Path(self.config.hydra.sweep.dir))
         return returns
 
@@ -77,8 +78,11 @@ class OptunaSearch:
                               "distill.alpha: interval(0.1, 0.9)")
         check_paths(space, self.config)
         check_metrics(self.config, self.config.get("optimized_metric"), self.pruning_metric)
+        # what the trials train: another space, objective or setting is another study (not where runs are stored
+        # or how they are shown)
+        trained = [o for o in fixed if o.startswith("experiment=") or kept_overrides([o])]
         identity = {"space": space_identity(space), "objective": self.config.get("optimized_metric"),
-                    "overrides": sorted(kept_overrides(fixed))}
+                    "overrides": sorted(trained)}
         study = open_study(open_storage(self.storage_url), self.study_name, self.direction, identity,
                            self._configured_seed())
         study.set_user_attr(PLAIN_RUN, self._plain_run_overrides(fixed))
@@ -120,9 +124,9 @@ class OptunaSearch:
             returns += batch_returns
             to_go -= len(batch)
             if failures and failures / len(returns) > self.max_failure_rate:
-                failed = next(r for r in batch_returns if r.status == JobStatus.FAILED or not _is_number(r))
-                if failed.status == JobStatus.FAILED:
-                    failed.return_value  # noqa: B018 -- re-raises the trial's exception
+                crashed = next((r for r in reversed(returns) if r.status == JobStatus.FAILED), None)
+                if crashed is not None:
+                    crashed.return_value  # noqa: B018 -- re-raises the trial's exception, traceback and all
                 raise ConfigError(f"{failures} of {len(returns)} trials failed (hydra.sweeper.max_failure_rate="
                                   f"{self.max_failure_rate}): see their run directories")
         return returns
@@ -155,7 +159,7 @@ class OptunaSearch:
         if RUN_DIR not in trial.user_attrs and ret.hydra_cfg is not None:  # it failed before its callback started
             set_trial_attr(study, number, RUN_DIR, str(ret.hydra_cfg.hydra.runtime.output_dir))
         if ret.status == JobStatus.FAILED:
-            log.warning("trial %d failed: %s", number, str(ret._return_value).strip().splitlines()[:1])
+            log.warning("trial %d failed: %s", number, (str(ret._return_value).strip().splitlines() or ["?"])[0])
             study.tell(number, state=TrialState.FAIL)
             return 1
         if PRUNED_AT in trial.user_attrs:
