@@ -217,7 +217,7 @@ def test_continuing_a_study_with_another_space_is_refused(tmp_path):
     identity = {"space": {"distill.alpha": "a"}, "objective": "best/val/top1", "overrides": []}
     first = open_study(storage, "s", "maximize", identity, seed=3)
     assert open_study(storage, "s", "maximize", identity, seed=None).user_attrs["sampler_seed"] == 3
-    with pytest.raises(ConfigError, match=r"is another search \(its space differ\): pass another hydra.sweeper.study_name"):
+    with pytest.raises(ConfigError, match=r"is another search \(differing in space\): pass another hydra.sweeper.study_name"):
         open_study(storage, "s", "maximize", {**identity, "space": {"distill.tau": "b"}}, seed=3)
     assert first.study_name == "s"
 
@@ -232,8 +232,8 @@ def test_another_space_in_the_same_storage_is_refused_before_any_trial(tmp_path,
     sweep_dir = tmp_path / "sweep"
     proc = run_search(sweep_dir, digits_teacher_file, f"hydra.sweeper.storage={storage}")
     assert proc.returncode == 2
-    assert proc.stderr == ("error: hydra.sweeper.study_name=quickstart_distill in this storage is another search (its "
-                           "overrides and space differ): pass another hydra.sweeper.study_name (or storage) to start "
+    assert proc.stderr == ("error: hydra.sweeper.study_name=quickstart_distill in this storage is another search (differing "
+                           "in overrides and space): pass another hydra.sweeper.study_name (or storage) to start "
                            "a new study, or the same search to continue it\n")
     assert not sweep_dir.exists()
     assert optuna.load_study(study_name="quickstart_distill", storage=storage).get_trials() == []
