@@ -328,7 +328,7 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
 # Under pytest-xdist (--dist loadfile, without its reorder by test count) workers take files in collection order.
 # The longest files go first (longest-processing-time-first), so that no worker starts one of them when the others
 # are nearly done; each took 20 s to 3 min of one worker in `pytest --durations=40` on the 2-core machine.
-LONGEST_FIRST = ("test_slurm.py", "test_gpu_smoke.py", "test_resume_allocation.py", "test_stream.py",
+LONGEST_FIRST = ("test_slurm.py", "test_search.py", "test_gpu_smoke.py", "test_resume_allocation.py", "test_stream.py",
                  "test_gpu_paths.py", "test_ddp.py", "test_wandb.py", "test_packaging.py", "test_compare.py")
 
 
