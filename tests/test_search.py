@@ -189,6 +189,8 @@ def test_pruned_trial_keeps_its_run_directory_and_is_marked_pruned(tmp_path, dig
     (["distill.tau=interval(5.0,1.0)"], "distill.tau=interval(5.0, 1.0) is empty or inverted"),
     (["distill.tau=interval(2.0,2.0)"], "distill.tau=interval(2.0, 2.0) is empty or inverted"),
     (["optimized_metric=best/val/top3"], "optimized_metric=best/val/top3 is not a metric this run records"),
+    # best/* is recorded with the test of the best checkpoint: test=false would train every trial, then fail it
+    (["test=false"], "optimized_metric=best/val/top1 is not a metric this run records"),
     (["hydra.sweeper.storage=sqlite:///{tmp}/a_file/optuna.db"], "hydra.sweeper.storage=sqlite:///"),
 ])
 def test_bad_search_input_is_one_line_before_any_trial(tmp_path, digits_teacher_file, args, message):

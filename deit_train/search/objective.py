@@ -24,21 +24,21 @@ def epoch_metrics(cfg: DictConfig) -> set[str] | None:
 
 
 def recorded_metrics(cfg: DictConfig) -> set[str] | None:
-    """The metrics of a run's ``results.json`` that can be an objective: ``last_epoch/val/*``, ``test/*`` and
-    ``teacher/test_top1`` (when it tests), ``best/<checkpoint monitor>``; None when not known (other modules)."""
+    """The metrics of a run's ``results.json`` that can be an objective: ``last_epoch/val/*``; when it tests,
+    ``test/*``, ``teacher/test_top1`` and ``best/<checkpoint monitor>``; None when not known (other modules)."""
     from deit_train.modules.metrics import EvalMetrics
 
     per_epoch = epoch_metrics(cfg)
     if per_epoch is None:
         return None
     names = {f"last_epoch/{name}" for name in per_epoch if name.startswith(("val/", "val_ema/"))}
-    if cfg.get("test", True):
+    if cfg.get("test", True):  # best/<monitor> is recorded beside the test of the best checkpoint
         test = EvalMetrics("test", int(cfg.data.num_classes), bool(cfg.model.get("distilled")),
                            cfg.get("teacher") is not None).loggable()
         names |= {name for name in [*test, "test/loss", "test/ce"] if name.startswith(("test/", "teacher/test"))}
-    monitor = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("monitor")
-    if monitor:
-        names.add(f"best/{monitor}")
+        monitor = ((cfg.get("callbacks") or {}).get("model_checkpoint") or {}).get("monitor")
+        if monitor:
+            names.add(f"best/{monitor}")
     return names
 
 
