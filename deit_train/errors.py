@@ -33,3 +33,26 @@ def one_line_errors() -> Iterator[None]:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+class StoppedBatch:
+    """Stands in for a training batch this rank could not make (a corrupt file met by a loader worker or by the device
+    decode): it carries the one line to the rank-wide decision (:mod:`deit_train.stops`) before the step, so that
+    every rank stops on it, instead of the error ending this rank alone while the others wait in a collective."""
+
+    def __init__(self, error: ConfigError) -> None:
+        self.error = error
+
+
+def batches_until_stopped(batches: Iterator):
+    """``batches`` as they come; the first :class:`ConfigError` met making one ends them with a :class:`StoppedBatch`
+    that carries it."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except ConfigError as error:
+            yield StoppedBatch(error)
+            return
+        yield batch

@@ -39,6 +39,7 @@ from deit_train.run.requeue import Requeued, SlurmRequeue
 from deit_train.search.objective import objective_value, refuse_search_without_multirun
 from deit_train.run.resume import resume_checkpoint, withdraw_unused_record
 from deit_train.run.throughput import WallClockThroughput
+from deit_train.stops import RankWideStop
 from deit_train.run.trained_model import StoreRunConfig
 
 log = logging.getLogger("deit_train")
@@ -86,6 +87,7 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
     if not cfg.trainer.get("enable_progress_bar", True):  # `trainer.enable_progress_bar=false` also drops Rich's
         callbacks = [c for c in callbacks if not isinstance(c, ProgressBar)]
+    callbacks.insert(0, RankWideStop())  # first: decides on a stopped batch before any other hook reads it
     callbacks.append(StoreRunConfig(cfg))  # export/predict rebuild the model from the checkpoint alone
     callbacks.append(StepSeeding(cfg.seed))  # Mixup, drop-path, masks: per (seed, epoch, batch, rank)
     callbacks.append(SlurmRequeue())  # Slurm's warning signal: one checkpoint where all ranks agree, requeue, stop

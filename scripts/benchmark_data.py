@@ -40,7 +40,7 @@ from PIL import Image
 from timm.data.auto_augment import RandAugment
 from torchvision import transforms
 
-from deit_train.data.device_augment import DeviceImages
+from deit_train.data.device_augment import collate_device_images
 from deit_train.data.images import EncodedImage, load_rgb
 from deit_train.data.recipes import AugmentRecipe
 from deit_train.data.stream import seed_globals
@@ -140,8 +140,7 @@ def device_stage_rate(paths: list[Path], size: int, batch: int, rounds: int, dec
     for seed in range(batch):
         seed_globals(seed, cpu_only=True)
         samples.append(worker(EncodedImage(paths[seed % len(paths)])))
-    collated = torch.utils.data.default_collate(samples)
-    batch_images = DeviceImages(*collated)
+    batch_images = collate_device_images(samples)
     finish(batch_images)  # warm-up
     started = time.process_time()
     for _ in range(rounds):

@@ -21,7 +21,7 @@ import timm
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from deit_train.losses import DistillationLoss
+from deit_train.losses import CrossEntropyLabels, DeiTDistillation, StudentOutputs, TeacherOutputs
 from deit_train.models import create_deit, forward_heads
 from deit_train.teacher import FrozenTeacher
 from deit_train.modules import ClassificationModule, OptimRecipe
@@ -60,7 +60,7 @@ def plain_loop(student, teacher, criterion, recipe, data: _Batches, steps: int, 
             start = time.perf_counter()
         teacher_logits = teacher(images)
         cls, dist = forward_heads(student, images)
-        loss = criterion(cls, target, dist, teacher_logits)
+        loss = criterion(StudentOutputs(cls, dist), target, TeacherOutputs(teacher_logits))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -98,7 +98,7 @@ def main() -> None:
     n = args.steps * args.batch_size
     data = _Batches(torch.randn(n, 3, args.image_size, args.image_size), torch.randint(0, 100, (n,)),
                     args.batch_size)
-    criterion = DistillationLoss("hard", label_smoothing=0.1)
+    criterion = DeiTDistillation("hard", label_loss=CrossEntropyLabels(label_smoothing=0.1))
     recipe = OptimRecipe(warmup_epochs=0.2)
 
     plain, lightning = [], []

@@ -1,8 +1,9 @@
-"""The GPU smoke check: every path a first GPU run takes, through the CLI, in under 8 minutes on one GPU.
+"""The GPU smoke check: every path a first GPU run takes, through the CLI, within 8 minutes on one GPU (estimated:
+no GPU has run it yet).
 
-Each row is one ``python -m deit_train`` run on ``data=fake`` (2 epochs, the last timed, validation on; the tiny
-form's one epoch times nothing) of a DeiT-S student distilled from a random-weight RegNetY-16GF teacher file
-(``timm.create_model("regnety_160")`` saved locally; nothing is downloaded):
+Each row is one ``python -m deit_train`` run (2 epochs, the last timed, validation on; the tiny form's one epoch times
+nothing) of a DeiT-S student distilled from a random-weight RegNetY-16GF teacher file (``timm.create_model(
+"regnety_160")`` saved locally; nothing is downloaded), on ``data=fake``:
 
     plain            no distillation, bf16-mixed (the teacher share's reference)
     distill          bf16-mixed, teacher eager
@@ -13,18 +14,35 @@ form's one epoch times nothing) of a DeiT-S student distilled from a random-weig
     fp16 + clip      trainer.precision=16-mixed trainer.gradient_clip_val=1.0
     ddp x2 + ema     strategy=ddp trainer.devices=2 module.ema_decay=0.999 (only with 2 GPUs or more)
 
-It prints one table: img/s, the teacher's share of a step (1 - img/s / plain img/s), recompilations (TORCH_LOGS),
-the teacher's device/precision/memory format (its start-up line), peak memory (CUDA: max allocated; CPU: peak RSS),
-whether the class/distillation-token cosine curve (token diagnostics) is filled, and each run's exit code. A failing
-row is reported, not fatal; the script exits 1 when any row failed.
+and the data path a first ImageNet run takes, on a generated folder of photo-like JPEGs (ImageNet sizes; 16-64 px in
+the tiny form) and its pack (``deit_train.pack``'s ``pack_folder``, what ``python -m deit_train.pack`` runs),
+``augment=deit``:
 
-    python scripts/gpu_smoke.py                    # on a GPU machine (about 5 minutes on one H100-class GPU)
+    jpeg uint8           the folder, uint8 workers (the default): normalisation and erasing on the device
+    jpeg device          augment.device=true (RandAugment on the device)
+    pack device decode   the pack, augment.device=true augment.device_decode=true (nvJPEG)
+    pack bf16-true       the same, trainer.precision=bf16-true
+    decode under load    the same, 200 steps (tiny: the epoch's), each batch's device decode compared with the CPU
+                         decode of the same bytes and draws while training runs
+
+It prints one table and writes the same as JSON (``--json``): img/s, the teacher's share of a step (1 - img/s /
+plain img/s), host syncs per training step (CUDA: the "synchronizing CUDA operation" warnings of
+``torch.cuda.set_sync_debug_mode("warn")`` per step, after the first; scripts/smoke_probe.py), recompilations
+(TORCH_LOGS), the teacher's device/precision/memory format (its start-up line), peak memory (CUDA: max allocated;
+CPU: peak RSS), the largest difference from the CPU path in grey levels (the JPEG rows: the device stage's output
+against the same stage on the CPU for the same batch and draws; decode under load: the decoded crops), whether the
+class/distillation-token cosine curve (token diagnostics) is filled, and each run's exit code. A failing row is
+reported, not fatal; the script exits 1 when any row failed.
+
+    python scripts/gpu_smoke.py --json smoke.json  # on a GPU machine (budget: 8 minutes on one GPU; not run yet)
     python scripts/gpu_smoke.py --tiny             # the reduced CPU form tests/test_gpu_smoke.py runs
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import re
 import sys
 import tempfile
@@ -32,21 +50,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
-from cli_runs import last_epoch_throughput, metrics_rows, random_teacher_file, run_cli
+from cli_runs import ROOT, last_epoch_throughput, metrics_rows, random_teacher_file, run_cli
 
-# The CLI's own entry, run so that the process reports its peak memory when it exits (rank 0 under DDP).
-_PEAK_PROBE = """
-import atexit, json, resource, runpy, sys, torch
-def _peak(path=sys.argv.pop(1)):
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10
-    with open(path, "w") as handle:
-        json.dump({"peak_mb": peak, "kind": "cuda" if cuda else "rss"}, handle)
-atexit.register(_peak)
-runpy.run_module("deit_train", run_name="__main__", alter_sys=True)
-"""
+sys.path.insert(0, str(ROOT))  # deit_train's pack, as the CLI runs it from the repository root
+
+PROBE = ROOT / "scripts" / "smoke_probe.py"  # the CLI's own entry, measured from inside (peak, syncs, pixels)
+DECODE_STEPS = 200  # decode under load: batches compared (GPU form)
+JPEG_CLASSES = 10
 _TEACHER_LINE = re.compile(r"teacher (\S+) on (\w+): (\w+), torch\.(\w+)")
 _RECOMPILE = re.compile(r"Recompiling function")
 
@@ -56,6 +70,18 @@ class Row:
     name: str
     overrides: list[str] = field(default_factory=list)
     distilled: bool = True
+    data: str = "fake"  # fake | folder (the generated JPEGs) | pack (their pack)
+    compare: str = "none"  # none | stage | decode (scripts/smoke_probe.py)
+
+
+def jpeg_rows() -> list[Row]:
+    """The data path's rows: the generated JPEG folder and its pack, augment=deit."""
+    device, decode = ["augment.device=true"], ["augment.device=true", "augment.device_decode=true"]
+    return [Row("jpeg uint8", [], data="folder", compare="stage"),
+            Row("jpeg device", device, data="folder", compare="stage"),
+            Row("pack device decode", decode, data="pack", compare="stage"),
+            Row("pack bf16-true", [*decode, "trainer.precision=bf16-true"], data="pack", compare="stage"),
+            Row("decode under load", decode, data="pack", compare="decode")]
 
 
 def rows(cache_dir: Path, gpus: int) -> list[Row]:
@@ -68,7 +94,7 @@ def rows(cache_dir: Path, gpus: int) -> list[Row]:
              Row("fp16 + clip", ["trainer.precision=16-mixed", "trainer.gradient_clip_val=1.0"])]
     if gpus >= 2:
         table.append(Row("ddp x2 + ema", ["strategy=ddp", "trainer.devices=2", "module.ema_decay=0.999"]))
-    return table
+    return table + jpeg_rows()
 
 
 def common_overrides(tiny: bool, steps: int, batch_size: int, epochs: int = 2) -> list[str]:
@@ -84,6 +110,52 @@ def common_overrides(tiny: bool, steps: int, batch_size: int, epochs: int = 2) -
     return [*common, "trainer=gpu", "trainer.devices=1", "data.num_workers=8", "teacher.min_val_top1=0"]
 
 
+def write_jpegs(root: Path, tiny: bool, per_class: int) -> Path:
+    """An ImageNet-layout folder of photo-like RGB JPEGs (smooth colour waves and sensor-like noise, quality 90):
+    ImageNet's sizes (most 500 px on the long side, some larger: the pack keeps or resizes them) or, tiny, 16-64 px;
+    ``per_class`` training images per class, 2 validation images."""
+    rng = np.random.default_rng(0)
+    sizes = [(48, 40), (40, 56), (64, 48)] if tiny else [(500, 375), (375, 500), (500, 333), (640, 480), (800, 600)]
+    for split, count in (("train", per_class), ("val", 2)):
+        for label in range(JPEG_CLASSES):
+            folder = root / split / f"class{label:02d}"
+            folder.mkdir(parents=True, exist_ok=True)
+            for n in range(count):
+                width, height = sizes[(label + n) % len(sizes)]
+                yy, xx = np.mgrid[0:height, 0:width]
+                phase = rng.uniform(0, 2 * np.pi, 3)
+                waves = np.stack([127 + 100 * np.sin(xx / (20 + 7 * c + label) + yy / (31 + 5 * c) + phase[c])
+                                  for c in range(3)], -1)
+                pixels = np.clip(waves + rng.normal(0, 12, waves.shape), 0, 255).astype(np.uint8)
+                buffer = io.BytesIO()
+                Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+                (folder / f"{n:04d}.jpg").write_bytes(buffer.getvalue())
+    return root
+
+
+def pack_jpegs(folder: Path, pack: Path, workers: int) -> None:
+    """The folder's pack: what ``python -m deit_train.pack data=imagefolder data.root=<folder> out=<pack>`` runs
+    (in this process: one interpreter start less)."""
+    from deit_train.data.pack import pack_folder
+
+    pack_folder(folder, pack, workers=workers)
+
+
+def data_overrides(row: Row, common: list[str], sources: dict[str, Path], steps: int,
+                   decode_steps: int) -> list[str]:
+    """``common`` with the row's data source: data=fake as it is, or the JPEG folder / pack with augment=deit (the
+    decode row trains long enough to compare ``decode_steps`` batches)."""
+    if row.data == "fake":
+        return common
+    kept = [a for a in common if not a.startswith(("data=", "data.num_train=", "data.num_val="))]
+    source = ["data=imagefolder" if row.data == "folder" else "data=shards", f"data.root={sources[row.data]}",
+              "augment=deit"]
+    if row.compare == "decode" and decode_steps > steps:
+        kept = [a for a in kept if not a.startswith("trainer.max_epochs=")]
+        source.append(f"trainer.max_epochs={math.ceil(decode_steps / steps)}")
+    return [*kept, *source]
+
+
 def cosine_filled(run_dir: Path) -> bool:
     """Whether the last validation row has a cosine for every block (the token diagnostics' curve)."""
     validated = [r for r in metrics_rows(run_dir) if r.get("val/top1")]
@@ -91,38 +163,46 @@ def cosine_filled(run_dir: Path) -> bool:
     return bool(layers) and all(validated[-1][k] for k in layers)
 
 
-def measure(row: Row, common: list[str], teacher_file: Path, workdir: Path) -> dict:
+def measure(row: Row, common: list[str], teacher_file: Path, workdir: Path, decode_steps: int = DECODE_STEPS) -> dict:
     run_dir = workdir / row.name.replace(" ", "_").replace("+", "plus")
-    peak_file = workdir / f"{run_dir.name}.peak.json"
+    probe_file = workdir / f"{run_dir.name}.probe.json"
     if row.distilled:
         args = ["experiment=deit_small_distill", *common, *row.overrides, f"teacher.checkpoint={teacher_file}"]
     else:
         args = ["experiment=deit_small", *(a for a in common if not a.startswith("teacher.")), *row.overrides]
     started = time.perf_counter()
+    probe_args = (str(PROBE), str(probe_file), row.compare, *([str(decode_steps)] if row.compare == "decode" else []))
     proc = run_cli(args, run_dir, env={"TORCH_LOGS": "recompiles", "DEIT_TRAIN_CACHE": str(workdir / "cache")},
-                   entry=("-c", _PEAK_PROBE, str(peak_file)))
+                   entry=probe_args)
     output = proc.stdout + proc.stderr
     teacher = _TEACHER_LINE.search(output)
-    peak = json.loads(peak_file.read_text()) if peak_file.is_file() else None
+    probe = json.loads(probe_file.read_text()) if probe_file.is_file() else None
+    syncs = probe["syncs_per_step"] if probe else None
     return {"name": row.name, "exit": proc.returncode, "img_s": last_epoch_throughput(run_dir),
+            "syncs_per_step": round(syncs, 2) if syncs is not None else None,
+            "steps": probe["steps"] if probe else None,
             "recompiles": len(_RECOMPILE.findall(output)),
             "teacher": "/".join(teacher.group(2, 3, 4)) if teacher else None,
-            "peak_mb": round(peak["peak_mb"]) if peak else None, "peak_kind": peak["kind"] if peak else None,
+            "peak_mb": round(probe["peak_mb"]) if probe else None, "peak_kind": probe["kind"] if probe else None,
+            "max_diff": probe["max_diff"] if probe else None, "compared": probe["compared"] if probe else 0,
             "cosine": cosine_filled(run_dir) if row.distilled else None, "wall_s": round(time.perf_counter() - started),
             "error": None if proc.returncode == 0 else proc.stderr.strip().splitlines()[-1:]}
 
 
 def table(results: list[dict]) -> str:
     plain = next((r["img_s"] for r in results if r["name"] == "plain"), None)
-    lines = ["| row | exit | img/s | teacher share | recompiles | teacher (device/precision/format) | peak MB "
-             "| cosine curve | s |", "|---|---:|---:|---:|---:|---|---:|---|---:|"]
+    lines = ["| row | exit | img/s | teacher share | host syncs/step | recompiles | teacher (device/precision/format) "
+             "| peak MB | max px diff (batches) | cosine curve | s |",
+             "|---|---:|---:|---:|---:|---:|---|---:|---:|---|---:|"]
     for r in results:
         share = (f"{1 - r['img_s'] / plain:.0%}" if r["name"] != "plain" and r["img_s"] and plain else "")
         cosine = {None: "n/a", True: "filled", False: "EMPTY"}[r["cosine"]]
         peak = f"{r['peak_mb']} ({r['peak_kind']})" if r["peak_mb"] is not None else ""
         img_s = f"{r['img_s']:.1f}" if r["img_s"] else ""
-        lines.append(f"| {r['name']} | {r['exit']} | {img_s} | {share} | {r['recompiles']} | {r['teacher'] or ''} "
-                     f"| {peak} | {cosine} | {r['wall_s']} |")
+        syncs = f"{r['syncs_per_step']:g}" if r.get("syncs_per_step") is not None else "n/a"
+        diff = f"{r['max_diff']:g} ({r['compared']})" if r.get("max_diff") is not None else ""
+        lines.append(f"| {r['name']} | {r['exit']} | {img_s} | {share} | {syncs} | {r['recompiles']} "
+                     f"| {r['teacher'] or ''} | {peak} | {diff} | {cosine} | {r['wall_s']} |")
     for r in results:
         if r["error"]:
             lines.append(f"\n{r['name']} failed: {r['error'][0] if r['error'] else ''}")
@@ -137,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="epochs per row, the last timed (default 2: the first warms up; tiny 1: no timing)")
     parser.add_argument("--batch-size", type=int, default=None, help="per device (default 64; tiny 4)")
     parser.add_argument("--rows", default=None, help="comma-separated row names to run (default: all)")
+    parser.add_argument("--decode-steps", type=int, default=None,
+                        help=f"decode under load: batches compared (default {DECODE_STEPS}; tiny: the epoch's)")
     parser.add_argument("--json", default=None, help="also write the results to this JSON file")
     parser.add_argument("--keep", default=None, help="keep the run directories here (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -149,13 +231,25 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(args.keep or tmp).resolve()
-        teacher_file = random_teacher_file(workdir / "teacher.pth", "regnetx_002" if args.tiny else "regnety_160")
+        teacher_name = "regnetx_002" if args.tiny else "regnety_160"
+        teacher_file = random_teacher_file(workdir / "teacher.pth", teacher_name)
         common = common_overrides(args.tiny, steps, batch_size, epochs)
         selected = [r for r in rows(workdir / "logit_cache", gpus)
                     if not args.rows or r.name in args.rows.split(",")]
+        sources = {}
+        if any(r.data != "fake" for r in selected):  # the JPEG rows' data, and a teacher of its class count
+            per_class = math.ceil(batch_size * steps / JPEG_CLASSES)
+            sources["folder"] = write_jpegs(workdir / "jpegs", args.tiny, per_class)
+            sources["pack"] = workdir / "jpegs_pack"
+            if not (sources["pack"] / "pack.json").is_file():
+                pack_jpegs(sources["folder"], sources["pack"], workers=1 if args.tiny else 8)
+            jpeg_teacher = random_teacher_file(workdir / "teacher_jpeg.pth", teacher_name, num_classes=JPEG_CLASSES)
+        decode_steps = args.decode_steps or (steps if args.tiny else DECODE_STEPS)
         results = []
         for row in selected:
-            results.append(measure(row, common, teacher_file, workdir))
+            row_common = data_overrides(row, common, sources, steps, decode_steps)
+            teacher = jpeg_teacher if row.data != "fake" else teacher_file
+            results.append(measure(row, row_common, teacher, workdir, decode_steps=decode_steps))
             print(f"{row.name}: exit {results[-1]['exit']} in {results[-1]['wall_s']} s", flush=True)
     device = "CPU (tiny form)" if args.tiny else f"{gpus} x {torch.cuda.get_device_name()}"
     print(f"\nGPU smoke check: {device}, torch {torch.__version__}, batch {batch_size}, "

@@ -304,11 +304,11 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
     """Train ``overrides`` uninterrupted into ``tmp_path/whole``; then again into ``tmp_path/requeued``, killed at the
     5th loss call (3 training steps and 1 validation batch per epoch: inside epoch 1) and resumed in the same run
     directory from its ``last.ckpt``. Returns both runs' results."""
-    from deit_train.losses import DistillationLoss
+    from deit_train.losses import DeiTDistillation
     from deit_train.train import train
 
     whole = train(compose_config(overrides, tmp_path / "whole"))
-    original, calls = DistillationLoss.forward, []
+    original, calls = DeiTDistillation.terms, []
 
     def killed_in_epoch_1(self, *args):
         calls.append(1)
@@ -316,10 +316,10 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
             raise RuntimeError("preempted")
         return original(self, *args)
 
-    monkeypatch.setattr(DistillationLoss, "forward", killed_in_epoch_1)
+    monkeypatch.setattr(DeiTDistillation, "terms", killed_in_epoch_1)
     with pytest.raises(RuntimeError, match="preempted"):
         train(compose_config(overrides, tmp_path / "requeued"))
-    monkeypatch.setattr(DistillationLoss, "forward", original)
+    monkeypatch.setattr(DeiTDistillation, "terms", original)
     assert torch.load(tmp_path / "requeued" / "checkpoints" / "last.ckpt", weights_only=False)["epoch"] == 0
     return whole, train(compose_config(overrides, tmp_path / "requeued"))  # same run dir: continues from last.ckpt
 
@@ -328,8 +328,9 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
 # Under pytest-xdist (--dist loadfile, without its reorder by test count) workers take files in collection order.
 # The longest files go first (longest-processing-time-first), so that no worker starts one of them when the others
 # are nearly done; each took 20 s to 3 min of one worker in `pytest --durations=40` on the 2-core machine.
-LONGEST_FIRST = ("test_slurm.py", "test_search.py", "test_gpu_smoke.py", "test_resume_allocation.py", "test_stream.py",
-                 "test_gpu_paths.py", "test_ddp.py", "test_wandb.py", "test_packaging.py", "test_compare.py")
+LONGEST_FIRST = ("test_slurm.py", "test_search.py", "test_gpu_smoke.py", "test_rank_stops.py",
+                 "test_resume_allocation.py", "test_stream.py", "test_gpu_paths.py", "test_ddp.py", "test_wandb.py",
+                 "test_packaging.py", "test_host_syncs.py", "test_damaged_checkpoints.py", "test_compare.py")
 
 
 def pytest_collection_modifyitems(config, items):

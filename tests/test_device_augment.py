@@ -55,6 +55,41 @@ def test_uint8_workers_give_the_cpu_paths_batches_bit_for_bit(erasing):
         assert b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ya, yb)
 
 
+def _cuda_division(monkeypatch) -> None:
+    """Tensor division by a host scalar as CUDA does it (ATen's BinaryDivTrueKernel.cu: a CPU scalar divisor becomes a
+    multiplication by its float32 reciprocal), on CPU tensors."""
+    def emulated(original):
+        def divide(self, other, *args, **kwargs):
+            if isinstance(other, (int, float)) and self.is_floating_point() and not args and not kwargs:
+                reciprocal = float(np.float32(1) / np.float32(other))  # exactly representable in float32
+                return (self.mul_ if original.__name__.endswith("_") else self.mul)(reciprocal)
+            return original(self, other, *args, **kwargs)
+        return divide
+
+    for name in ("div", "div_", "__truediv__", "__itruediv__"):
+        monkeypatch.setattr(torch.Tensor, name, emulated(getattr(torch.Tensor, name)))
+
+
+def test_uint8_workers_give_the_cpu_paths_bits_also_where_division_is_cudas(monkeypatch):
+    """The device stage normalises by looking each byte up in a table computed on the host with the worker path's
+    own arithmetic: no division runs on the device, so CUDA's reciprocal multiplication (1 ulp off for 126 of the
+    256 byte values of /255) cannot reach the batch."""
+    values = torch.arange(256, dtype=torch.float32)
+    exact = values.div(255)
+    cpu = _batches(False, re_prob=0.6)
+    dm = FakeDataModule(num_classes=5, num_train=48, num_val=8, source_size=(40, 56), image_size=32, batch_size=16,
+                        num_workers=0, recipe=AugmentRecipe(**{**DEIT, "re_prob": 0.6}))
+    dm.setup("fit")
+    raw = list(dm.train_loader(2, 1))
+    with monkeypatch.context() as patched:
+        _cuda_division(patched)
+        assert int((values.div(255) != exact).sum()) == 126  # the emulation is CUDA's: 126 bytes 1 ulp off
+        uint8 = [dm.batch_to_device(batch, "cpu") for batch in raw]
+    assert len(cpu) == len(uint8) == 1
+    for (a, ya), (b, yb) in zip(cpu, uint8):
+        assert b.dtype == torch.float32 and torch.equal(a, b) and torch.equal(ya, yb)
+
+
 def test_uint8_workers_ship_uint8_and_draws_the_same_with_worker_processes():
     dm = FakeDataModule(num_classes=5, num_train=32, num_val=8, source_size=(40, 56), image_size=32, batch_size=16,
                         num_workers=2, recipe=AugmentRecipe(**DEIT))
@@ -314,3 +349,134 @@ def test_device_decode_needs_the_device_path_and_image_files():
     assert "\n" not in str(error.value)
     with pytest.raises(ConfigError, match="FakeDataModule holds decoded images: use augment.device_decode=false"):
         FakeDataModule(recipe=AugmentRecipe(**DEIT, device=True, device_decode=True))
+
+
+def _counting_transfers_and_reads(monkeypatch) -> dict:
+    """Patches what moves a tensor to a device (``Tensor.to`` with a device, ``torch.as_tensor``/``torch.tensor``
+    with one) and what reads a tensor back on the host (``item``, ``cpu``, ``tolist``, ``numpy``, truth and number
+    values): on CUDA each read is a host sync, each transfer a copy (and, from pageable memory, a wait).
+    ``transfers`` counts the device stage's own (called from deit_train), ``kernel_transfers`` those torchvision's
+    kernels make inside (a geometric op's matrix, grid scale and fill, Sharpness's kernel: per image)."""
+    import inspect
+
+    counts = {"transfers": 0, "kernel_transfers": 0, "reads": 0}
+
+    def count_transfer() -> None:
+        caller = inspect.stack(context=0)[2].filename
+        counts["transfers" if "/deit_train/" in caller else "kernel_transfers"] += 1
+
+    def is_device(value) -> bool:
+        return isinstance(value, torch.device) or (isinstance(value, str) and value.split(":")[0] in ("cpu", "cuda"))
+
+    to = torch.Tensor.to
+
+    def counted_to(self, *args, **kwargs):
+        if any(is_device(a) for a in args) or "device" in kwargs:
+            count_transfer()
+        return to(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", counted_to)
+    for name in ("as_tensor", "tensor"):
+        made = getattr(torch, name)
+        monkeypatch.setattr(torch, name, (lambda made: lambda *a, **k: (
+            count_transfer() if "device" in k else None, made(*a, **k))[1])(made))
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__int__", "__float__"):
+        read = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, (lambda read: lambda self, *a, **k: (
+            counts.__setitem__("reads", counts["reads"] + 1), read(self, *a, **k))[1])(read))
+    return counts
+
+
+@pytest.mark.parametrize("re_mode", ["pixel", "rand"])
+def test_the_device_stage_copies_once_per_batch_and_reads_nothing_back(monkeypatch, re_mode):
+    """Device RandAugment and random erasing on a batch of 32 where every sample is erased (up to 3 boxes): one
+    copy of the RandAugment groups' row indices, one of the erasing noise, no host read of a tensor; the batch is
+    the one of the per-sample noise draws (same generator states, same values). (torchvision's geometric and
+    Sharpness kernels still make their own small tensors on the device per image: counted, not ours to batch.)"""
+    from deit_train.data.device_augment import collate_device_images
+
+    rng = np.random.default_rng(5)
+    photos = [_photo(rng, 48) for _ in range(4)]
+    recipe = {**DEIT, "re_prob": 1.0, "re_count": 3, "re_mode": re_mode}
+    worker = AugmentRecipe(**recipe, device=True).worker_transform(24, MEAN, STD)
+    samples = []
+    for seed in range(32):
+        seed_globals(seed, cpu_only=True)
+        samples.append(worker(photos[seed % 4]))
+    batch = collate_device_images(samples)
+    finish = worker.finish(MEAN, STD)
+    expected = finish(batch)  # the first batch also moves the normalisation table to the device, once
+    erased = int((batch.params["erase_boxes"][:, :, 2] > 0).sum())
+    assert erased >= 40
+    with monkeypatch.context() as patched:
+        counts = _counting_transfers_and_reads(patched)
+        got = finish(batch)
+    assert counts["transfers"] == 2 and counts["reads"] == 0, counts
+    assert counts["kernel_transfers"] > 0  # the counter sees torchvision's too: it would see ours
+    assert torch.equal(got, expected)
+    # the noise is timm's, drawn per sample from the worker's generator state: redraw a sample's only box
+    boxes = batch.params["erase_boxes"]
+    sample = int(np.flatnonzero((boxes[:, 0, 2] > 0) & (boxes[:, 1, 2] == 0))[0])
+    top, left, height, width = (int(v) for v in batch.params["erase_boxes"][sample, 0])
+    with torch.random.fork_rng(devices=[]):
+        torch.random.set_rng_state(torch.from_numpy(batch.params["erase_rng"][sample]))
+        noise = random_erasing._get_pixels(re_mode == "pixel", re_mode == "rand", (3, height, width), device="cpu")
+    assert torch.equal(got[sample, :, top:top + height, left:left + width], noise.expand(3, height, width))
+
+
+def test_device_decode_on_cuda_is_ordered_after_the_current_stream_and_before_its_next_kernels(monkeypatch):
+    """torchvision 0.19-0.29 allocate decode_jpeg's CUDA outputs on the current stream and write them from nvJPEG's
+    private stream, which waits on nothing: a block just freed on the training stream (and still read by its
+    queued backward) could be overwritten. The device stage calls it with a side stream current (the outputs come
+    from the side stream's blocks), after the side stream waited for the current one; the current stream then
+    waits for the decode and each output is recorded as used there. The stream API is faked (no GPU here): the
+    calls and their order are what this checks; on the CPU the decode is decode_jpeg's own, bit for bit."""
+    import contextlib
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    import deit_train.data.device_augment as device_augment
+    from deit_train.data.device_augment import DeviceFinish
+
+    calls: list = []
+
+    class Stream:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait_stream(self, other: "Stream") -> None:
+            calls.append(("wait", self.name, other.name))
+
+    current = {"stream": Stream("training")}
+    made: list = []
+
+    @contextlib.contextmanager
+    def stream(side: Stream):
+        previous, current["stream"] = current["stream"], side
+        try:
+            yield
+        finally:
+            current["stream"] = previous
+
+    class Decoded:
+        def record_stream(self, used_on: Stream) -> None:
+            calls.append(("record", used_on.name))
+
+    def decode(tensors, mode, device):
+        calls.append(("decode", current["stream"].name, str(device), len(tensors)))
+        return [Decoded() for _ in tensors]
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current["stream"])
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: made.append(Stream(f"side{len(made)}")) or made[-1])
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(device_augment, "decode_jpeg", decode)
+    finish = DeviceFinish(MEAN, STD, decode_size=8)
+    jpegs = [torch.frombuffer(bytearray(_jpeg(np.random.default_rng(k), 20, 16)), dtype=torch.uint8) for k in range(2)]
+    for _ in range(2):  # two batches: one side stream, made once
+        finish.decode_after_current_stream(jpegs, torch.device("cuda", 0))
+    once = [("wait", "side0", "training"), ("decode", "side0", "cuda:0", 2), ("wait", "training", "side0"),
+            ("record", "training"), ("record", "training")]
+    assert calls == once * 2 and len(made) == 1
+    monkeypatch.undo()
+    on_cpu = finish.decode_after_current_stream(jpegs, torch.device("cpu"))
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, decode_jpeg(jpegs, mode=ImageReadMode.RGB)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 from hydra.utils import instantiate
@@ -55,7 +56,7 @@ def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
     import lightning as L
 
     from deit_train.data import DigitsDataModule
-    from deit_train.losses import DistillationLoss
+    from deit_train.losses import DeiTDistillation
     from deit_train.models import create_deit
     from deit_train.modules import ClassificationModule
     from deit_train.modules.optim import OptimRecipe
@@ -65,7 +66,7 @@ def test_ema_of_a_bf16_true_student_is_kept_and_evaluated_in_float32():
     student = create_deit(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           num_classes=10, distilled=False, drop_path_rate=0.0).to(torch.bfloat16)
     decay, name = 0.999, "blocks.0.attn.qkv.weight"
-    module = ClassificationModule(student, DistillationLoss("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
+    module = ClassificationModule(student, DeiTDistillation("none"), OptimRecipe(warmup_epochs=0), ema_decay=decay)
     weights = []
 
     class Record(L.Callback):  # the student after each optimizer step, before the module's hook updates the EMA
@@ -228,3 +229,103 @@ def test_compiled_student_fills_the_token_diagnostics_like_the_eager_one(tmp_pat
     assert len(compiled) == len(eager) == 3  # embeddings, block 1, output norm of the 2-block student
     # the compiled kernels reorder float sums: cosines agree to 1e-4
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+# ---- every *-true precision on the uint8 path (issue 27, item 1) -----------------------------------------------------
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """A small ImageNet-layout folder of RGB JPEGs (2 classes, 8 train and 2 val images each, 40-64 px)."""
+    from PIL import Image
+
+    root, rng = tmp_path_factory.mktemp("jpegs"), np.random.default_rng(0)
+    for split, count in (("train", 8), ("val", 2)):
+        for label in range(2):
+            (root / split / f"c{label}").mkdir(parents=True)
+            for n in range(count):
+                width, height = [(48, 40), (64, 48), (40, 56)][n % 3]
+                Image.fromarray(rng.integers(0, 255, (height, width, 3), dtype=np.uint8)).save(
+                    root / split / f"c{label}" / f"{n}.jpg", quality=90)
+    return root
+
+
+@pytest.mark.parametrize("device", [False, True], ids=["uint8 workers", "augment.device"])
+def test_every_true_precision_trains_on_the_uint8_path_with_the_float32_runs_draws(tmp_path, monkeypatch,
+                                                                                    jpeg_folder, device):
+    """Lightning converts a batch's floating tensors to the precision's dtype BEFORE on_after_batch_transfer: the
+    device stage handed float32 images to a bf16/fp16/fp64 student ("Input type (float) and bias type
+    (c10::BFloat16)") and, with augment.device=true, RandAugment's magnitudes arrived rounded to bf16/fp16. Now
+    each *-true run's training batches are the float32 run's, converted to the precision's dtype as Lightning
+    converts a float worker's batch, from the same float64 magnitudes; and it validates."""
+    from deit_train.data.base import ImageDataModule
+    from deit_train.data.device_augment import DeviceFinish
+    from deit_train.train import train
+
+    seen: list = []
+    after_transfer, rand_augment = ImageDataModule.on_after_batch_transfer, DeviceFinish.rand_augment
+
+    def recording(self, batch, dataloader_idx):
+        out = after_transfer(self, batch, dataloader_idx)
+        if self.trainer is not None and self.trainer.training:
+            seen.append(("batch", out[0].detach().clone()))
+        return out
+
+    monkeypatch.setattr(ImageDataModule, "on_after_batch_transfer", recording)
+    monkeypatch.setattr(DeviceFinish, "rand_augment", lambda self, images, ops, args: (
+        seen.append(("magnitudes", ops.copy(), args.copy())), rand_augment(self, images, ops, args))[1])
+
+    def run(precision: str) -> tuple[list, dict]:
+        seen.clear()
+        results = train(compose_config([
+            "experiment=deit_tiny", f"data.root={jpeg_folder}", "trainer=cpu", f"trainer.precision={precision}",
+            f"augment.device={device}", "model.image_size=16", "model.patch_size=4", "model.hidden_size=32",
+            "model.num_hidden_layers=1", "model.num_attention_heads=2", "data.batch_size=4", "data.num_workers=0",
+            "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+            "trainer.num_sanity_val_steps=0", "trainer.enable_progress_bar=false", "test=false", "optim.min_lr=1e-7",
+            "optim.eps=1e-4", "augment.re_prob=0.5"], tmp_path / precision))
+        return list(seen), results
+
+    reference, _ = run("32-true")
+    batches = [b for kind, b in (r[:2] for r in reference) if kind == "batch"]
+    assert len(batches) == 2 and all(b.dtype == torch.float32 for b in batches)
+    magnitudes = [r for r in reference if r[0] == "magnitudes"]
+    assert (len(magnitudes) == 2) == device and all(r[2].dtype == np.float64 for r in magnitudes)
+    for precision, dtype in (("bf16-true", torch.bfloat16), ("16-true", torch.float16), ("64-true", torch.float64)):
+        got, results = run(precision)
+        assert [r[0] for r in got] == [r[0] for r in reference], precision
+        for mine, theirs in zip(got, reference):
+            if mine[0] == "batch":
+                assert mine[1].dtype == dtype and torch.equal(mine[1], theirs[1].to(dtype)), precision
+            else:  # the same ops and the same float64 magnitudes, not their bf16/fp16 roundings
+                assert np.array_equal(mine[1], theirs[1]) and np.array_equal(mine[2], theirs[2]), precision
+        assert 0 <= results["last_epoch/val/top1"] <= 1, (precision, results)
+
+
+def test_half_precision_with_an_eps_float16_cannot_hold_is_refused_in_one_line(tmp_path, jpeg_folder):
+    """16-true with AdamW's default eps=1e-8 (0 in float16) turns weights inf/nan at the first step on any device:
+    refused before anything trains, exit 2; optim.eps=1e-4 trains (test above)."""
+    proc = run_cli_in_process(["experiment=deit_tiny", f"data.root={jpeg_folder}", "trainer=cpu",
+                               "trainer.precision=16-true"], tmp_path / "run", tmp_path / "cache")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: trainer.precision=16-true keeps AdamW's moments in float16, where optim.eps=1e-08 is 0 (the first step "
+        "divides by zero): use trainer.precision=16-mixed or bf16-true, or set optim.eps=1e-4")
+
+
+@pytest.mark.parametrize("accelerator, refused", [("mps", True), ("gpu", True), ("auto", True), ("cpu", False)])
+def test_device_decode_on_an_accelerator_without_a_jpeg_decoder_is_refused(tmp_path, monkeypatch, accelerator,
+                                                                           refused):
+    """decode_jpeg runs on cpu and cuda; on a Mac (MPS, no CUDA) trainer=gpu or mps cannot decode there."""
+    from deit_train.errors import ConfigError
+    from deit_train.run.preflight import check_device_decode
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    cfg = compose_config(["experiment=deit_tiny", "data.root=/d", "augment.device=true", "augment.device_decode=true",
+                          f"trainer.accelerator={accelerator}"], tmp_path)
+    if not refused:
+        check_device_decode(cfg)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_device_decode(cfg)
+    assert str(error.value) == ("augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs "
+                                "on cpu and cuda, not on trainer.accelerator=mps: use augment.device_decode=false")

@@ -9,7 +9,7 @@ from conftest import ROOT
 
 # bottom to top; a name covers the module and the modules below it (deit_train.data covers deit_train.data.stream)
 LAYERS = [
-    ["deit_train.errors"],
+    ["deit_train.errors", "deit_train.stops"],
     ["deit_train.data", "deit_train.models", "deit_train.losses"],
     ["deit_train.teacher"],
     ["deit_train.modules"],

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import ROOT
+from deit_train.data.device_augment import collate
 from deit_train.data.fake import FakeDataModule
 from deit_train.data.workers import default_num_workers, granted_cpus, ranks_per_task
 
@@ -41,10 +42,10 @@ def test_null_options_resolve_at_loader_time(monkeypatch):
     dm = FakeDataModule(num_classes=3, num_train=8, num_val=4, source_size=(8, 8), image_size=8, batch_size=2)
     dm.setup("fit")
     on_gpu = _attached(dm, "cuda", 2).loader_options()
-    assert on_gpu == {"num_workers": 3, "pin_memory": True, "persistent_workers": True}
+    assert on_gpu == {"num_workers": 3, "pin_memory": True, "persistent_workers": True, "collate_fn": collate}
     dm.num_workers, dm.pin_memory = 0, None
     assert _attached(dm, "cpu", 1).loader_options() == {"num_workers": 0, "pin_memory": False,
-                                                        "persistent_workers": False}
+                                                        "persistent_workers": False, "collate_fn": collate}
     dm.num_workers, dm.pin_memory = 2, False
     loader = _attached(dm, "cuda", 1).val_dataloader()
     assert (loader.num_workers, loader.pin_memory, loader.persistent_workers) == (2, False, True)

@@ -21,7 +21,7 @@ from hydra.utils import instantiate
 from conftest import FAST_DIGITS, ROOT, compose_config
 from deit_train.errors import ConfigError
 from deit_train.teacher.cache import CacheEntry, TeacherLogitCache, build_teacher, dense_logits, run_fingerprint
-from deit_train.losses import DistillationLoss
+from deit_train.losses import DeiTDistillation
 from deit_train.teacher_cache import fill_cache
 from deit_train.train import train
 
@@ -148,7 +148,7 @@ def test_drift_guard_stops_on_a_cache_that_disagrees_with_the_teacher(tmp_path, 
 
 def test_interrupted_epoch_leaves_no_shard_and_is_computed_later(tmp_path, digits_teacher_file, monkeypatch):
     cache = tmp_path / "cache"
-    original, calls = DistillationLoss.forward, []
+    original, calls = DeiTDistillation.terms, []
 
     def failing(self, *args):
         calls.append(1)
@@ -156,10 +156,10 @@ def test_interrupted_epoch_leaves_no_shard_and_is_computed_later(tmp_path, digit
             raise RuntimeError("preempted")
         return original(self, *args)
 
-    monkeypatch.setattr(DistillationLoss, "forward", failing)
+    monkeypatch.setattr(DeiTDistillation, "terms", failing)
     with pytest.raises(RuntimeError, match="preempted"):
         train(_config(tmp_path, "killed", digits_teacher_file, f"teacher.cache_dir={cache}"))
-    monkeypatch.setattr(DistillationLoss, "forward", original)
+    monkeypatch.setattr(DeiTDistillation, "terms", original)
     entry = _entry(cache)
     assert sorted(p.name for p in entry.iterdir()) == [  # epoch 0 committed; of epoch 1 nothing, no temporary files
         "epoch0000-rank000.indices.npy", "epoch0000-rank000.json", "epoch0000-rank000.values.npy", "fingerprint.json"]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 
 from conftest import FAST_DIGITS, compose_config
+from deit_train.losses import StudentOutputs, TeacherOutputs
 from deit_train.train import split_honesty
 
 
@@ -65,4 +66,5 @@ def test_soft_paper_preset_is_the_official_loss_with_tau_3_and_alpha_0_1(tmp_pat
     kl = F.kl_div(F.log_softmax(dist / 3, dim=1), F.log_softmax(teacher / 3, dim=1), reduction="sum",
                   log_target=True) * 9 / dist.numel()
     expected = 0.9 * F.cross_entropy(cls, target, label_smoothing=0.1) + 0.1 * kl
-    assert criterion(cls, target, dist, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert criterion(StudentOutputs(cls, dist), target, TeacherOutputs(teacher)).item() == pytest.approx(
+        expected.item(), rel=1e-6)

@@ -92,7 +92,27 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/benchmark_startup.py": ("not run", "a timed benchmark (a minute here)"),
     "python -m deit_train -m experiment=quickstart distill=none,soft,hard seed=0,1,2 hydra.sweep.dir=multirun/tab3_token":
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
-    "python -m deit_train -m experiment=quickstart model.distilled=false distill=soft,hard seed=0,1,2 "
+    "python -m deit_train experiment=deit_small_distill data.root=... teacher=ensemble "
+    "teacher@teacher.members.0=regnety_160 teacher.members.0.checkpoint=/path/regnety_160.pth "
+    "teacher@teacher.members.1=regnety_160 teacher.members.1.checkpoint=/path/other.pth teacher.combine=probs":
+        ("compose", "ImageNet and two teacher files"),
+    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/logit':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=5 seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/dkd':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/feature':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python scripts/compare_runs.py multirun/methods_0.1/logit multirun/methods_0.1/dkd multirun/methods_0.1/feature --group-by distill.distill_type --baseline distill.distill_type=none':
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
+    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 teacher.cache_dir=multirun/tcache trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/logit':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=1 seed=0,1,2 teacher.cache_dir=multirun/tcache trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/dkd':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/feature':
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    'python scripts/compare_runs.py multirun/methods_1.0/logit multirun/methods_1.0/dkd multirun/methods_1.0/feature --group-by distill.distill_type --baseline distill.distill_type=none':
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
+    "python -m deit_train -m experiment=quickstart distill=kd,kd_hard seed=0,1,2 "
     "hydra.sweep.dir=multirun/tab3_cls": ("elsewhere", "test_losses.py"),
     "python scripts/compare_runs.py multirun/tab3_token multirun/tab3_cls --baseline distill=none --out tab3.png":
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
@@ -195,7 +215,8 @@ def test_readme_command_composes(command, tmp_path):
     groups = {p.name for p in CONFIG_DIR.iterdir() if p.is_dir()}
     for override in overrides:  # plain values land where typed (group choices: composing at all checks them)
         key, value = override.split("=", 1)
-        if key not in groups and "/" not in key and not value.startswith(("{", "[")) and not key.startswith("hydra."):
+        if key not in groups and "/" not in key and "@" not in key and not value.startswith(("{", "[")) \
+                and not key.startswith("hydra."):
             assert str(OmegaConf.select(cfg, key)).lower() == value.lower(), (key, value)
 
 

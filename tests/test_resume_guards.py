@@ -1,4 +1,5 @@
-"""A resumed run is the same experiment or refuses; a diverging run stops at once with the last good checkpoint."""
+"""A resumed run is the same experiment or refuses; a diverging run stops before its next checkpoint, keeping the last
+good one."""
 import csv
 import json
 import math
@@ -106,8 +107,8 @@ def test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule(o
             "of this run's schedule") in (run / "train.log").read_text()
 
 
-def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_checkpoint(one_epoch_run, digits_teacher_file,
-                                                                            tmp_path):
+def test_a_non_finite_loss_stops_before_a_checkpoint_and_keeps_the_last_good_one(one_epoch_run,
+                                                                                 digits_teacher_file, tmp_path):
     run = tmp_path / "diverging"
     (run / "checkpoints").mkdir(parents=True)
     shutil.copy(one_epoch_run / "checkpoints" / "last.ckpt", run / "checkpoints" / "last.ckpt")  # resumed from

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from deit_train.errors import ConfigError
-from deit_train.losses import DistillationLoss
+from deit_train.losses import DeiTDistillation
 from deit_train.models import create_deit
 from deit_train.teacher import FrozenTeacher
 from deit_train.modules import ClassificationModule, OptimRecipe
@@ -35,7 +35,7 @@ def test_teacher_weights_unchanged_by_training(digits_teacher_file):
     # every BatchNorm was folded at load, so no running statistics are left to drift
     assert teacher.folded_batchnorms == 44 and not any(isinstance(m, torch.nn.BatchNorm2d) for m in teacher.modules())
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
-    module = ClassificationModule(_student(), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0, min_lr=1e-6),
+    module = ClassificationModule(_student(), DeiTDistillation("soft", tau=2.0), OptimRecipe(warmup_epochs=0, min_lr=1e-6),
                                   teacher=teacher)
     student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
     trainer = L.Trainer(max_steps=3, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -90,7 +90,7 @@ def test_teacher_forward_has_no_graph(digits_teacher_file):
 def test_class_count_mismatch_is_a_clear_error_before_training(digits_teacher_file):
     teacher = FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file))
     with pytest.raises(ConfigError, match="teacher predicts 10 classes but the data has 7"):
-        ClassificationModule(_student(classes=7), DistillationLoss("hard"), OptimRecipe(), teacher=teacher)
+        ClassificationModule(_student(classes=7), DeiTDistillation("hard"), OptimRecipe(), teacher=teacher)
 
 
 def test_missing_weights_and_wrong_architecture_are_clear_errors(digits_teacher_file):

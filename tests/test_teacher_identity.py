@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from deit_train.errors import ConfigError
-from deit_train.losses import DistillationLoss
+from deit_train.losses import DeiTDistillation
 from deit_train.models import create_deit
 from deit_train.teacher import FrozenTeacher
 from deit_train.teacher import network as teacher_module
@@ -144,7 +144,7 @@ def test_a_teacher_that_misses_the_images_stops_the_run(net_and_file):
     student = create_deit(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                           num_classes=10, distilled=True)
     teacher = FrozenTeacher("regnetx_002", checkpoint=str(path), min_val_top1=0.9)  # random images: ~chance
-    module = ClassificationModule(student, DistillationLoss("hard"), OptimRecipe(min_lr=1e-6), teacher=teacher)
+    module = ClassificationModule(student, DeiTDistillation("hard"), OptimRecipe(min_lr=1e-6), teacher=teacher)
     before = {k: v.clone() for k, v in student.state_dict().items()}
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=2)

@@ -7,7 +7,7 @@ import torch
 
 from deit_train.data import DigitsDataModule
 from deit_train.errors import ConfigError
-from deit_train.losses import DistillationLoss
+from deit_train.losses import DeiTDistillation
 from deit_train.models import create_deit
 from deit_train.teacher import FrozenTeacher
 from deit_train.teacher import network as teacher_module
@@ -82,7 +82,7 @@ def test_ddp_leaves_the_teacher_alone(digits_teacher_file, tmp_path):
     from torch.nn.parallel import DistributedDataParallel
 
     teacher = FrozenTeacher("regnetx_002", checkpoint=str(digits_teacher_file))
-    module = ClassificationModule(_student(), DistillationLoss("hard"), OptimRecipe(), teacher=teacher)
+    module = ClassificationModule(_student(), DeiTDistillation("hard"), OptimRecipe(), teacher=teacher)
     assert module.teacher is teacher and not any(k.startswith("teacher.") for k in module.state_dict())
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
@@ -103,7 +103,7 @@ def _student(classes=10, size=32):
 def _fit_losses(teacher, precision="32-true", compile=False, steps=3):
     """train/loss of a few steps of a digits distillation run (16 px), from the same initial student and batches."""
     torch.manual_seed(0)
-    module = ClassificationModule(_student(size=16), DistillationLoss("soft", tau=2.0), OptimRecipe(warmup_epochs=0),
+    module = ClassificationModule(_student(size=16), DeiTDistillation("soft", tau=2.0), OptimRecipe(warmup_epochs=0),
                                   teacher=teacher, compile=compile)
     losses = []
 

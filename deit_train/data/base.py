@@ -8,11 +8,11 @@ import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset
 
-from deit_train.data.device_augment import DeviceFinish, DeviceImages
-from deit_train.data.stream import SeededDataset, SeededSampler, StreamLoader
+from deit_train.data.device_augment import DeviceFinish, DeviceImages, collate
+from deit_train.data.stream import SeededDataset, SeededSampler, StoppingLoader, StreamLoader
 from deit_train.data.subset import balanced_subset, check_fraction
 from deit_train.data.workers import default_num_workers
-from deit_train.errors import ConfigError
+from deit_train.errors import ConfigError, StoppedBatch
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -79,12 +79,13 @@ class ImageDataModule(L.LightningDataModule):
         return device is not None and device.type == "cuda"
 
     def loader_options(self) -> dict:
-        """Workers, pinning and persistence of every loader of this source."""
+        """Workers, pinning, persistence and collation of every loader of this source."""
         workers = self.workers
-        return dict(num_workers=workers, pin_memory=self.pinned, persistent_workers=workers > 0)
+        return dict(num_workers=workers, pin_memory=self.pinned, persistent_workers=workers > 0, collate_fn=collate)
 
     def _loader(self, dataset: Dataset, train: bool, sampler: Sampler | None = None) -> DataLoader:
-        loader = StreamLoader if isinstance(sampler, SeededSampler) else DataLoader  # the stream resumes mid-epoch
+        # the stream resumes mid-epoch; every loader ends on a corrupt file with a batch every rank decides on
+        loader = StreamLoader if isinstance(sampler, SeededSampler) else StoppingLoader
         return loader(
             dataset,
             batch_size=self.batch_size,
@@ -121,22 +122,29 @@ class ImageDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self.train_loader(*self._world())
 
-    def on_before_batch_transfer(self, batch, dataloader_idx: int):
-        if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
-            return [DeviceFinish.params_to_host(batch[0]), *batch[1:]]
-        return batch
-
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
-        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages; others pass through."""
+        """uint8 training batches (:class:`DeviceImages`) get the recipe's device stages, then the input dtype of the
+        trainer's precision (Lightning converted the loader's batch before the transfer, when it held uint8 images
+        and host-side draws: ``trainer.precision=bf16-true`` gets bf16, as from float workers); others pass
+        through. A file the device cannot decode makes a :class:`StoppedBatch`: every rank decides on it before the
+        step."""
         if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], DeviceImages):
-            return [self.device_finish(batch[0]), *batch[1:]]
+            try:
+                images = self.device_finish(batch[0])
+            except ConfigError as error:
+                return StoppedBatch(error)
+            if self.trainer is not None:
+                images = self.trainer.precision_plugin.convert_input(images)
+            return [images, *batch[1:]]
         return batch
 
     def batch_to_device(self, batch, device: torch.device | str):
         """What Lightning does with a batch before a training step, for loops without a Trainer (the teacher-only
-        pass, benchmarks): the transfer hooks around the move to ``device``."""
-        batch = self.on_before_batch_transfer(batch, 0)
-        return self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
+        pass, benchmarks): the move to ``device`` and the transfer hook after it; a stopped batch raises its line."""
+        batch = self.on_after_batch_transfer(move_data_to_device(batch, torch.device(device)), 0)
+        if isinstance(batch, StoppedBatch):
+            raise batch.error
+        return batch
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, train=False)

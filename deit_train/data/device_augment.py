@@ -8,8 +8,9 @@ ships the uint8 crop (a quarter of the bytes pinned and copied) with the sample'
 - **uint8 workers** (``data.uint8_workers``, on by default): the worker runs the recipe's crop, flip and colour
   stages exactly as today, then draws random erasing's boxes with timm's own ``RandomErasing`` (on a probe that
   records instead of writing) and keeps torch's generator state from before the erasing noise. On the device:
-  ``/255`` and normalisation in float32 (IEEE-exact on every device), then the erasing noise regenerated on the
-  CPU from that state by timm's ``_get_pixels``. The batches are **bit-identical** to the CPU path.
+  ``/255`` and normalisation looked up in a table the CPU path's arithmetic computed on the host (no division on the
+  device, where CUDA's differs), then the erasing noise regenerated on the CPU from that state by timm's
+  ``_get_pixels``. The batches are **bit-identical** to the CPU path on every device.
 - **RandAugment on the device** (``augment.device=true``): the worker decodes (JPEG at a reduced DCT scale where
   the sampled crop is at least twice the output: the box is drawn from the header's size first), crops and
   flips, and runs timm's ``RandAugment`` with recording ops: every draw is timm's own, so crops, flips, ops and
@@ -40,6 +41,8 @@ from timm.data.auto_augment import RandAugment
 from timm.data.random_erasing import RandomErasing, _get_pixels
 from timm.data.transforms import RandomResizedCropAndInterpolation, str_to_interp_mode
 from torch import Tensor
+from torch.utils.data import default_collate
+from torch.utils.data._utils.collate import collate as _collate, default_collate_fn_map
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as F1
 from torchvision.io import ImageReadMode, decode_jpeg
@@ -50,10 +53,27 @@ from deit_train.errors import ConfigError
 
 
 class DeviceImages(NamedTuple):
-    """A worker's uint8 image (3, H, W) and its recorded draws; collated field by field into a batch."""
+    """A worker's uint8 image (3, H, W) and its recorded draws; collated into a batch by
+    :func:`collate_device_images`."""
 
     image: Tensor
     params: dict
+
+
+def collate_device_images(samples: Sequence[DeviceImages], *, collate_fn_map=None) -> DeviceImages:
+    """The batch of :class:`DeviceImages`: the images stacked (a uint8 tensor, which the loader pins and Lightning
+    moves), the draws as numpy arrays. Collated in the worker, so that no draw is a tensor when Lightning's precision
+    plugin converts the batch's floating tensors (``trainer.precision=bf16-true`` would round the RandAugment
+    magnitudes to bf16) or moves it: the draws stay on the host, where the device stage reads them without a sync."""
+    images = default_collate([sample.image for sample in samples])
+    params = default_collate([sample.params for sample in samples])
+    return DeviceImages(images, {k: v.numpy() if isinstance(v, Tensor) else v for k, v in params.items()})
+
+
+def collate(samples: list):
+    """``default_collate``, with :func:`collate_device_images` for the uint8 path's samples (a loader's
+    ``collate_fn``)."""
+    return _collate(samples, collate_fn_map=_COLLATE_MAP)
 
 
 # ---- the worker side -----------------------------------------------------------------------------------------
@@ -218,6 +238,7 @@ class WorkerTransform:
                             decode_size=self.crop.size if getattr(self.crop, "device_decode", False) else None)
 
 
+_COLLATE_MAP = {**default_collate_fn_map, DeviceImages: collate_device_images}
 _NO_PIXELS = torch.empty(0, dtype=torch.uint8)  # the image field of a device-decode sample; moved to the device,
 # it tells the device stage where the batch goes
 
@@ -282,7 +303,12 @@ def apply_op(name: str, images: Tensor, arg: float, fill: Sequence[float]) -> Te
 
 
 class DeviceFinish:
-    """The batch after transfer: recorded RandAugment ops (grouped by op), ``/255``, normalisation, erasing.
+    """The batch after transfer: recorded RandAugment ops (grouped by op), ``/255`` and normalisation, erasing.
+
+    What crosses to the device per batch, whatever its size: the uint8 images (Lightning moves them), at most one
+    copy of the RandAugment groups' row indices, one of the erasing noise and one of the crops the workers decoded
+    (``augment.device_decode``); each from pinned memory on CUDA, none waited for on the host. The draws are numpy
+    arrays on the host (:func:`collate_device_images`); nothing here reads a device tensor back.
 
     Args:
         mean, std: the normalisation.
@@ -300,34 +326,42 @@ class DeviceFinish:
         self.op_names = list(op_names) if op_names is not None else None
         self.fill = [float(f) for f in fill]
         self.per_pixel, self.rand_color = per_pixel, rand_color
-
-    @staticmethod
-    def params_to_host(batch: DeviceImages) -> DeviceImages:
-        """Before the transfer: the draws become numpy arrays, which stay on the host (no device sync to read them)."""
-        return DeviceImages(batch.image, {k: v.numpy() if isinstance(v, Tensor) else v
-                                          for k, v in batch.params.items()})
+        self.table = normalisation_table(self.mean, self.std)
+        self._tables: dict[torch.device, Tensor] = {}
+        self._decode_streams: dict[torch.device, object] = {}
 
     def __call__(self, batch: DeviceImages) -> Tensor:
         params = dict(batch.params)
         encoded = {key: params.pop(key) for key in ("jpeg", "decoded", "name") if key in params}  # lists of bytes
-        params = {k: v.cpu().numpy() if isinstance(v, Tensor) else np.asarray(v) for k, v in params.items()}
+        # numpy from the loader's collation; a CPU tensor's .numpy() is a view (a device tensor's raises: no sync)
+        params = {k: v.numpy() if isinstance(v, Tensor) else np.asarray(v) for k, v in params.items()}
         images = batch.image
         if encoded:
             images = self.decode(encoded["jpeg"], encoded["decoded"], encoded["name"], params["crop"],
                                  params["flip"], images.device)
         if self.op_names is not None and "ra_ops" in params:
             images = self.rand_augment(images, params["ra_ops"], params["ra_args"])
-        # torchvision v1 ToTensor's arithmetic (divide by 255; v2's ToDtype multiplies by 1/255: not the same bits)
-        images = F.normalize(images.float().div_(255), self.mean, self.std, inplace=True)
+        images = self.normalise(images)
         if "erase_boxes" in params:
             self.erase(images, params["erase_boxes"], params["erase_rng"])
         return images
+
+    def normalise(self, images: Tensor) -> Tensor:
+        """uint8 (N, 3, H, W) -> float32, each value looked up in :func:`normalisation_table`: the worker path's
+        bits on every device (no division runs on the device)."""
+        table = self._tables.get(images.device)
+        if table is None:
+            table = self._tables[images.device] = self.table.to(images.device)  # once per device
+        channels = images.shape[1]
+        offsets = torch.arange(0, 256 * channels, 256, dtype=torch.int32, device=images.device).view(1, -1, 1, 1)
+        index = images.to(torch.int32).add_(offsets)
+        return table.view(-1).index_select(0, index.reshape(-1)).view(images.shape)
 
     def decode(self, jpegs: Sequence[bytes], decoded: Sequence[bytes], names: Sequence[str], crops: np.ndarray,
                flips: np.ndarray, device: torch.device) -> Tensor:
         """uint8 (N, 3, size, size) crops: the JPEGs decoded in one batched call on ``device``, each cropped to its
         box and resized (bicubic, antialiased, as PIL's resize filters) and flipped as drawn; the crops the workers
-        made (``decoded``, where ``jpegs`` is empty) as they are."""
+        made (``decoded``, where ``jpegs`` is empty) as they are, in one copy."""
         size = self.decode_size
         out = torch.empty((len(jpegs), 3, size, size), dtype=torch.uint8, device=device)
         todo = [i for i, data in enumerate(jpegs) if data]
@@ -338,22 +372,24 @@ class DeviceFinish:
                 crop = F.resized_crop(image, top, left, height, width, [size, size],
                                       interpolation=InterpolationMode.BICUBIC, antialias=True)
                 out[i] = F.horizontal_flip(crop) if flips[i] else crop
-        for i, data in enumerate(decoded):
-            if data:
-                out[i] = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(3, size, size).to(device)
+        made = [i for i, data in enumerate(decoded) if data]
+        if made:
+            host = torch.frombuffer(bytearray(b"".join(decoded[i] for i in made)), dtype=torch.uint8)
+            crops_made = _to_device(host, device).view(len(made), 3, size, size)
+            for row, i in enumerate(made):
+                out[i] = crops_made[row]
         return out
 
-    @staticmethod
-    def _decode_jpegs(jpegs: Sequence[bytes], names: Sequence[str], device: torch.device) -> list[Tensor]:
+    def _decode_jpegs(self, jpegs: Sequence[bytes], names: Sequence[str], device: torch.device) -> list[Tensor]:
         """``decode_jpeg`` of the batch (EXIF orientation ignored, as the CPU path's PIL decode does); a file it
         cannot decode stops the run with one line naming it (decoded one by one to find it)."""
         tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
         try:
-            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+            return self.decode_after_current_stream(tensors, device)
         except RuntimeError:
             for tensor, name in zip(tensors, names):
                 try:
-                    decode_jpeg(tensor, mode=ImageReadMode.RGB, device=device)
+                    self.decode_after_current_stream([tensor], device)
                 except RuntimeError as exc:
                     cause = str(exc).strip().splitlines()[-1].rsplit(", ", 1)[-1]  # not the C++ source position
                     raise CorruptImageError(f"{CorruptImageError._MARKER}{name} on the device ({cause}): delete or "
@@ -361,8 +397,36 @@ class DeviceFinish:
                                             ", which data.skip_corrupt=true can skip)") from exc
             raise
 
+    def decode_after_current_stream(self, tensors: list[Tensor], device: torch.device) -> list[Tensor]:
+        """``decode_jpeg`` on ``device``, its outputs safe to use on the current stream.
+
+        On CUDA, torchvision 0.19-0.29 (``decode_jpegs_cuda.cpp``) allocates the outputs on the caller's current
+        stream and has nvJPEG write them from a private stream that never waits on the caller's: a block the
+        caching allocator just freed on the current stream (step N's activations, still read by its queued
+        backward) can be overwritten. So the call runs with a side stream current (its outputs come from the side
+        stream's blocks, which no queued kernel of the training stream reads); the current stream waits for the
+        decode, and each output is marked used there (``record_stream``: its block is handed out again only after
+        the current stream's work on it has finished). Elsewhere: ``decode_jpeg`` itself."""
+        if device.type != "cuda":
+            return decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        current = torch.cuda.current_stream(device)
+        side = self._decode_streams.get(device)
+        if side is None:
+            side = self._decode_streams[device] = torch.cuda.Stream(device)
+        side.wait_stream(current)  # whatever the current stream queued before the batch came is done first
+        with torch.cuda.stream(side):
+            images = decode_jpeg(tensors, mode=ImageReadMode.RGB, device=device)
+        current.wait_stream(side)
+        for image in images:
+            image.record_stream(current)
+        return images
+
     def rand_augment(self, images: Tensor, ops: np.ndarray, args: np.ndarray) -> Tensor:
-        images = images.clone()
+        """The recorded ops, layer by layer: a group of rows that is one run of the batch is a slice, the other
+        groups are slices of one index tensor copied to the device once per batch. The caller's batch is left as it
+        was (one copy per batch)."""
+        plan, scattered = [], []  # (op name, rows: slice of the batch or of the index tensor, level argument)
+        offset = 0
         for layer in range(ops.shape[1]):
             for index in np.unique(ops[:, layer]):
                 if index < 0:
@@ -377,23 +441,75 @@ class DeviceFinish:
                 else:
                     groups = [(rows[i:i + 1], args[rows[i], layer]) for i in range(len(rows))]
                 for members, arg in groups:
-                    select = torch.as_tensor(members, device=images.device)
-                    images[select] = apply_op(name, images[select], float(arg), self.fill)
+                    if members[-1] - members[0] + 1 == len(members):  # consecutive rows
+                        plan.append((name, False, slice(int(members[0]), int(members[-1]) + 1), float(arg)))
+                    else:
+                        plan.append((name, True, slice(offset, offset + len(members)), float(arg)))
+                        scattered.append(members)
+                        offset += len(members)
+        if not plan:
+            return images
+        indices = _to_device(torch.from_numpy(np.concatenate(scattered)), images.device) if scattered else None
+        images = images.clone()
+        for name, indexed, rows, arg in plan:
+            if indexed:
+                select = indices[rows]
+                images.index_copy_(0, select, apply_op(name, images.index_select(0, select), arg, self.fill))
+            else:
+                images[rows] = apply_op(name, images[rows], arg, self.fill)
         return images
 
     def erase(self, images: Tensor, boxes: np.ndarray, states: np.ndarray) -> None:
         """timm's erasing noise, drawn on the CPU from each sample's generator state (what the worker's
-        ``RandomErasing`` would have drawn next), written into the boxes."""
+        ``RandomErasing`` would have drawn next) into one buffer, copied once, written into the boxes."""
         channels = images.shape[1]
-        for sample in np.flatnonzero(boxes[:, :, 2].any(axis=1)):
+        erased = [(int(sample), [tuple(int(v) for v in box) for box in boxes[sample] if box[2]])
+                  for sample in np.flatnonzero(boxes[:, :, 2].any(axis=1))]
+        if not erased:
+            return
+        if not (self.per_pixel or self.rand_color):  # timm's constant fill is zeros and draws nothing
+            for sample, sample_boxes in erased:
+                for top, left, height, width in sample_boxes:
+                    images[sample, :, top:top + height, left:left + width] = 0.0
+            return
+        # the noise's shape per box: timm's _get_pixels gives (C, h, w) per pixel, (C, 1, 1) for a random colour
+        shapes = [[(channels, height, width) if self.per_pixel else (channels, 1, 1) for _, _, height, width in b]
+                  for _, b in erased]
+        noise = torch.empty(sum(math.prod(shape) for sample in shapes for shape in sample), dtype=torch.float32,
+                            pin_memory=images.device.type == "cuda")
+        offset = 0
+        for sample, sample_boxes in erased:
             with torch.random.fork_rng(devices=[]):
                 torch.random.set_rng_state(torch.from_numpy(np.ascontiguousarray(states[sample])))
-                for top, left, height, width in boxes[sample]:
-                    if height == 0:
-                        break
-                    pixels = _get_pixels(self.per_pixel, self.rand_color, (channels, int(height), int(width)),
+                for _, _, height, width in sample_boxes:
+                    pixels = _get_pixels(self.per_pixel, self.rand_color, (channels, height, width),
                                          dtype=torch.float32, device="cpu")
-                    images[sample, :, top:top + height, left:left + width] = pixels.to(images.device)
+                    noise[offset:offset + pixels.numel()] = pixels.view(-1)
+                    offset += pixels.numel()
+        noise = _to_device(noise, images.device)
+        offset = 0
+        for (sample, sample_boxes), sample_shapes in zip(erased, shapes):
+            for (top, left, height, width), shape in zip(sample_boxes, sample_shapes):
+                size = math.prod(shape)
+                images[sample, :, top:top + height, left:left + width] = noise[offset:offset + size].view(shape)
+                offset += size
+
+
+def normalisation_table(mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """(channels, 256) float32: every byte value through the worker path's own arithmetic on the CPU (torchvision
+    v1 ``ToTensor``'s ``/255``, then ``Normalize``: v2's ``ToDtype`` multiplies by 1/255, which is not the same
+    bits). Looked up rather than recomputed on the device, where CUDA divides by a host scalar by multiplying with
+    its float32 reciprocal (1 ulp off for 126 of the 256 values)."""
+    values = torch.arange(256, dtype=torch.uint8).expand(len(mean), 1, 256)
+    return F1.normalize(values.float().div(255), list(mean), list(std)).view(len(mean), 256).contiguous()
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """One host-to-device copy that the host does not wait for (from pinned memory on CUDA; the tensor itself on the
+    CPU). Always ``Tensor.to``, so that a test counting transfers sees every one the device stage makes."""
+    if device.type == "cuda" and not host.is_pinned():
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def device_identity(device: torch.device | str, decode: bool = False) -> dict:

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from deit_train.data.augmented import AugmentedDataModule
 from deit_train.data.images import CorruptImageError, EncodedImage, load_rgb, to_rgb
+from deit_train.data.stream import StoppingLoader
 from deit_train.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -254,7 +255,8 @@ class HFDataModule(AugmentedDataModule):
         return self._stream_loader(self.train_set, True) if self.streaming else super().train_dataloader()
 
     def _stream_loader(self, dataset: IterableDataset, train: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=self.batch_size, drop_last=train, **self.loader_options())
+        # a corrupt image stops every rank (deit_train.stops)
+        return StoppingLoader(dataset, batch_size=self.batch_size, drop_last=train, **self.loader_options())
 
     def val_dataloader(self) -> DataLoader:
         return self._stream_loader(self.val_set, False) if self.streaming else super().val_dataloader()

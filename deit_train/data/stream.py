@@ -23,6 +23,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from deit_train.errors import StoppedBatch, batches_until_stopped
+
 # kinds of draws, so that a sample seed never equals a step, index or order seed
 _SAMPLE, _STEP, _INDEX, _ORDER = 0, 1, 2, 3
 
@@ -161,7 +163,16 @@ class SeededSampler(DistributedSampler):
         return len(self.order) if self.order is not None else super().__len__()
 
 
-class StreamLoader(DataLoader):
+class StoppingLoader(DataLoader):
+    """A loader whose batch that cannot be made (a corrupt file, in a worker or here) ends the pass with a
+    :class:`~deit_train.errors.StoppedBatch` carrying the line: every rank decides on it before the step
+    (:mod:`deit_train.stops`), where the error alone would end this rank and leave the others waiting."""
+
+    def __iter__(self):
+        return batches_until_stopped(super().__iter__())
+
+
+class StreamLoader(StoppingLoader):
     """The training loader of the stream, resumable inside an epoch (Lightning's stateful-loader protocol).
 
     Lightning stores :meth:`state_dict` (the epoch, and how many of its batches training took) in every checkpoint
@@ -184,7 +195,7 @@ class StreamLoader(DataLoader):
         start = self.sampler.start_position() if isinstance(self.sampler, SeededSampler) else 0
         self._taken = start // self.batch_size  # drop_last: whole batches, so a position is a batch boundary
         for batch in super().__iter__():
-            self._taken += 1
+            self._taken += not isinstance(batch, StoppedBatch)
             yield batch
 
 

@@ -105,11 +105,20 @@ def forward_heads(model: nn.Module, x: Tensor) -> tuple[Tensor, Tensor | None]:
     timm's distilled model returns the two heads only in training mode; evaluation wants both
     (per-head accuracy), so the heads are applied here to the class and distillation tokens.
     """
+    cls, dist, _ = forward_student(model, x)
+    return cls, dist
+
+
+def forward_student(model: nn.Module, x: Tensor, with_features: bool = False
+                    ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """:func:`forward_heads`, and with ``with_features`` the pooled features before the head(s) (timm's
+    ``forward_head(pre_logits=True)``: a distilled student's class and distillation tokens averaged)."""
     features = model.forward_features(x)
+    pooled = model.forward_head(features, pre_logits=True) if with_features else None
     if not is_distilled(model):
-        return model.forward_head(features), None
+        return model.forward_head(features), None, pooled
     cls_token, dist_token = model.head_drop(features[:, 0]), model.head_drop(features[:, 1])
-    return model.head(cls_token), model.head_dist(dist_token)
+    return model.head(cls_token), model.head_dist(dist_token), pooled
 
 
 def average_heads(cls: Tensor, dist: Tensor | None) -> Tensor:

@@ -162,13 +162,21 @@ def read_hf_directory(directory: str | Path) -> dict[str, Tensor]:
                           "(model_type deit or vit) can start a DeiT student")
     if config.get("hidden_act", "gelu") != "gelu":
         raise ConfigError(f"{directory} uses hidden_act={config['hidden_act']}; timm's DeiT uses exact GELU")
-    files = sorted(directory.glob("model*.safetensors"))
-    if files:
+    files = hf_weight_files(directory)
+    if not files:
+        raise ConfigError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+    if files[0].suffix == ".safetensors":
         from safetensors.torch import load_file
 
         state = {k: v for f in files for k, v in load_file(str(f)).items()}
-    elif (directory / "pytorch_model.bin").is_file():
-        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
     else:
-        raise ConfigError(f"{directory} has config.json but no model.safetensors or pytorch_model.bin")
+        state = torch.load(files[0], map_location="cpu", weights_only=True)
     return state if timm_layout else hf_to_timm(state)
+
+
+def hf_weight_files(directory: str | Path) -> list[Path]:
+    """The weight files of a ``save_pretrained`` directory: its (sharded) ``model*.safetensors``, else its
+    ``pytorch_model.bin``; none when it holds only a config."""
+    directory = Path(directory)
+    return sorted(directory.glob("model*.safetensors")) or [
+        path for path in [directory / "pytorch_model.bin"] if path.is_file()]

@@ -4,7 +4,10 @@
 - CLS + distillation head: a distilled student with a frozen teacher; the class head learns from the
   labels, the distillation head from the teacher on the same augmented images; prediction = mean of heads.
 - "Usual distillation" (paper Tab. 3): a student without distillation token and a teacher; the class head
-  learns from both (see :mod:`deit_train.losses`).
+  learns from both (see :mod:`deit_train.losses.deit`).
+
+The loss is a distillation method (:mod:`deit_train.losses.base`): the module computes what the method needs from
+the student and the teacher, sums the method's terms and logs each; the method also says how the student predicts.
 """
 from __future__ import annotations
 
@@ -15,8 +18,8 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from deit_train.errors import ConfigError
-from deit_train.losses import DistillationLoss
-from deit_train.models.deit import average_heads, forward_heads, is_distilled
+from deit_train.losses import DistillationMethod, StudentOutputs, TeacherOutputs
+from deit_train.models.deit import forward_student, is_distilled
 from deit_train.teacher.network import FrozenTeacher
 from deit_train.modules.finite import check_finite
 from deit_train.modules.metrics import EvalMetrics
@@ -35,7 +38,8 @@ def _frozen_ema(student: nn.Module, decay: float) -> ModelEmaV3:
 
 
 class ClassificationModule(RecipeTrainedModule):
-    """Trains ``student`` with ``criterion``; ``teacher`` (frozen) only when the criterion distils.
+    """Trains ``student`` with ``criterion`` (a distillation method); ``teacher`` (frozen) only when the method
+    reads one.
 
     Args:
         mixup: a callable ``(images, targets) -> (images, soft_targets)`` such as ``timm.data.Mixup``;
@@ -48,7 +52,7 @@ class ClassificationModule(RecipeTrainedModule):
     def __init__(
         self,
         student: nn.Module,
-        criterion: DistillationLoss,
+        criterion: DistillationMethod,
         optim: OptimRecipe,
         teacher: FrozenTeacher | None = None,
         mixup=None,
@@ -57,12 +61,13 @@ class ClassificationModule(RecipeTrainedModule):
     ) -> None:
         super().__init__()
         self._check(student, criterion, teacher)
+        criterion.bind(student, teacher if criterion.uses_teacher else None)  # its trainable parts (a projector)
         self.student = student
         # The frozen teacher is not a registered submodule (timm's distillation wraps only the student): DDP/FSDP
         # never broadcast or shard it, precision plugins never cast it, checkpoints never store it (it has its own
         # file); it places itself on the device in its own precision (setup, or its first forward).
         object.__setattr__(self, "teacher", teacher if criterion.uses_teacher else None)
-        self.forward_heads = torch.compile(forward_heads) if compile else forward_heads
+        self.forward_student = torch.compile(forward_student) if compile else forward_student
         self._teacher_hits = torch.zeros(2)  # (correct, seen) of the teacher during the sanity check
         self.criterion = criterion
         self.optim = optim
@@ -83,14 +88,12 @@ class ClassificationModule(RecipeTrainedModule):
         self._ema_step = 0
 
     @staticmethod
-    def _check(student: nn.Module, criterion: DistillationLoss, teacher: FrozenTeacher | None) -> None:
+    def _check(student: nn.Module, criterion: DistillationMethod, teacher: FrozenTeacher | None) -> None:
         kind = criterion.distill_type
         if criterion.uses_teacher and teacher is None:
             raise ConfigError(f"distill={kind} needs a teacher: add teacher=<name> (e.g. teacher=regnety_160 "
                               "teacher.checkpoint=/path/regnety_160.pth) or use distill=none")
-        if not criterion.uses_teacher and is_distilled(student):
-            raise ConfigError("model.distilled=true but distill=none: the distillation head would learn nothing; "
-                              "use distill=soft|hard with a teacher, or model.distilled=false (CLS head only)")
+        criterion.check(student, teacher if criterion.uses_teacher else None)
         if teacher is not None and criterion.uses_teacher and teacher.num_classes != student.num_classes:
             raise ConfigError(f"the teacher predicts {teacher.num_classes} classes but the data has "
                               f"{student.num_classes}: use a teacher trained on this data set (teacher.checkpoint=...)")
@@ -104,8 +107,28 @@ class ClassificationModule(RecipeTrainedModule):
             self.teacher.match_classes(getattr(self.trainer.datamodule, "classes", None))
 
     def forward(self, images: Tensor) -> Tensor:
-        """The prediction: class logits, averaged with the distillation head when there is one."""
-        return average_heads(*self.forward_heads(self.student, images))
+        """The prediction, as the method makes it (DeiT: class logits, averaged with the distillation head)."""
+        return self.criterion.predict(self.student_outputs(self.student, images))
+
+    def student_outputs(self, student: nn.Module, images: Tensor) -> StudentOutputs:
+        """The student's heads on ``images`` (``student``: the trained network or its EMA), and its pooled
+        features when the method reads them."""
+        cls, dist, features = self.forward_student(student, images, "features" in self.criterion.student_needs)
+        return StudentOutputs(cls=cls, dist=dist, features=features)
+
+    def teacher_outputs(self, images: Tensor, source: nn.Module | None = None) -> TeacherOutputs | None:
+        """What the method reads from the teacher on ``images`` (None when it reads nothing); ``source`` stands in
+        for the live teacher (the logit cache in training: it serves logits only, :class:`TeacherLogitCache`)."""
+        if self.teacher is None:
+            return None
+        if "features" in self.criterion.teacher_needs:
+            logits, features = self.teacher(images, features=True)
+            return TeacherOutputs(logits=logits, features=features)
+        return TeacherOutputs(logits=(source if source is not None else self.teacher)(images))
+
+    def trained_parts(self) -> nn.Module | None:
+        """The method's trainable parts (a projector), trained beside the student; None when it has none."""
+        return self.criterion if any(p.requires_grad for p in self.criterion.parameters()) else None
 
     # ---- the EMA copy in checkpoints --------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -126,17 +149,23 @@ class ClassificationModule(RecipeTrainedModule):
         self.ema.load_state_dict(ema_state)
 
     # ---- training -------------------------------------------------------------------------------
+    def on_train_epoch_start(self) -> None:
+        self.criterion.set_epoch(self.current_epoch)  # schedules inside the loss (DKD's warm-up)
+
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, target = batch
         if self.mixup is not None:
             images, target = self.mixup(images, target)
-        teacher = self.teacher_cache if self.teacher_cache is not None else self.teacher
-        teacher_logits = teacher(images) if self.teacher is not None else None
-        cls, dist = self.forward_heads(self.student, images)
-        loss = self.criterion(cls, target, dist, teacher_logits)
-        check_finite(self, loss, lambda: {"class head logits": cls, "distillation head logits": dist,
-                                              "teacher logits": teacher_logits})
+        teacher = self.teacher_outputs(images, self.teacher_cache)
+        student = self.student_outputs(self.student, images)
+        terms = self.criterion.terms(student, target, teacher)
+        loss = sum(terms.values())
+        check_finite(self, loss, lambda: {"class head logits": student.cls, "distillation head logits": student.dist,
+                                          "teacher logits": teacher.logits if teacher is not None else None})
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(images))
+        if len(terms) > 1:  # each term per epoch (averaged on the device; no host read per step)
+            self.log_dict({f"train/loss_{name}": term.detach() for name, term in terms.items()}, on_step=False,
+                          on_epoch=True, batch_size=len(images))
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -149,16 +178,18 @@ class ClassificationModule(RecipeTrainedModule):
     # ---- evaluation -----------------------------------------------------------------------------
     def _evaluate(self, metrics: EvalMetrics, student: nn.Module, batch, with_loss: bool) -> None:
         images, target = batch
-        teacher_logits = self.teacher(images) if (self.teacher is not None and metrics.teacher is not None) else None
-        cls, dist = self.forward_heads(student, images)
-        metrics.update(target, cls, dist, teacher_logits)
+        teacher = self.teacher_outputs(images) if metrics.teacher is not None else None
+        teacher_logits = teacher.logits if teacher is not None else None
+        outputs = self.student_outputs(student, images)
+        cls, dist, prediction = outputs.cls, outputs.dist, self.criterion.predict(outputs)
+        metrics.update(target, cls, dist, teacher_logits, prediction)
         if teacher_logits is not None and self.trainer.sanity_checking:
             self._teacher_hits += torch.tensor([(teacher_logits.argmax(-1) == target).sum().item(), len(target)])
         if with_loss:  # _check guarantees the teacher logits and dist head exactly when the criterion distils
-            loss = self.criterion(cls, target, dist, teacher_logits)
+            loss = self.criterion(outputs, target, teacher)
             self.log(f"{metrics.stage}/loss", loss, on_epoch=True, batch_size=len(images), sync_dist=True)
             # the official evaluate(): plain cross-entropy of the prediction (heads averaged), beside the criterion
-            self.log(f"{metrics.stage}/ce", F.cross_entropy(average_heads(cls, dist), target), on_epoch=True,
+            self.log(f"{metrics.stage}/ce", F.cross_entropy(prediction, target), on_epoch=True,
                      batch_size=len(images), sync_dist=True)
         for name, metric in metrics.loggable().items():
             self.log(name, metric, on_step=False, on_epoch=True, prog_bar=name == f"{metrics.stage}/top1")
@@ -180,4 +211,5 @@ class ClassificationModule(RecipeTrainedModule):
 
     def parameter_counts(self) -> dict[str, int]:
         teacher = self.teacher.num_parameters if self.teacher is not None else 0
-        return {**super().parameter_counts(), "params/teacher": teacher}
+        method = sum(p.numel() for p in self.criterion.parameters() if p.requires_grad)
+        return {**super().parameter_counts(), "params/teacher": teacher, "params/method_trainable": method}

@@ -36,8 +36,10 @@ class EvalMetrics(nn.Module):
         self.disagreement = nn.ModuleDict({f"{a}_{b}": Disagreement() for a, b in
                                            disagreement_pairs(available + (("teacher",) if with_teacher else ()))})
 
-    def update(self, target: Tensor, cls: Tensor, dist: Tensor | None, teacher: Tensor | None) -> None:
-        prediction = average_heads(cls, dist)
+    def update(self, target: Tensor, cls: Tensor, dist: Tensor | None, teacher: Tensor | None,
+               prediction: Tensor | None = None) -> None:
+        """``prediction``: the student's (its distillation method's); default the heads averaged (DeiT)."""
+        prediction = average_heads(cls, dist) if prediction is None else prediction
         self.prediction.update(prediction, target)
         self.heads["cls"].update(cls, target)
         if dist is not None:

@@ -139,15 +139,18 @@ class OptimRecipe:
         return {"fused": True} if parameters_on_cuda(model) and not clipped_under_amp else {"foreach": True}
 
     def build(self, model: nn.Module, global_batch: int, total_steps: int, steps_per_epoch: int,
-              ndims: dict[str, int] | None = None, clipped_under_amp: bool = False):
+              ndims: dict[str, int] | None = None, clipped_under_amp: bool = False, extra: nn.Module | None = None):
         """``ndims``: the parameters' dimensions recorded before a strategy wrapped ``model``
         (:func:`parameter_ndims`), which decide the weight-decay groups; ``clipped_under_amp``: see
-        :meth:`kernel_options`."""
+        :meth:`kernel_options`; ``extra``: more trained parameters (a distillation method's projector), in groups
+        of their own (weight decay on matrices as timm's, the lr unscaled by ``layer_decay``)."""
         self.check(global_batch)
         if self.layer_decay is not None and not hasattr(model, "blocks"):
             raise ConfigError(f"optim.layer_decay={self.layer_decay} needs a ViT/DeiT (blocks.<k>), got "
                               f"{type(model).__name__}: set optim.layer_decay=null")
         params = param_groups(model, self.weight_decay, self.layer_decay, ndims)
+        if extra is not None:
+            params += param_groups(extra, self.weight_decay)
         optimizer = create_optimizer_v2(
             params, opt=self.name, lr=self.lr(global_batch), weight_decay=self.weight_decay,
             betas=tuple(self.betas), eps=self.eps, **self.kernel_options(model, clipped_under_amp),
@@ -176,6 +179,10 @@ class RecipeTrainedModule(L.LightningModule):
     optim: OptimRecipe
     optimized_attr: str = "student"
 
+    def trained_parts(self) -> nn.Module | None:
+        """Trained parameters beside ``self.<optimized_attr>`` (a distillation method's projector); None: none."""
+        return None
+
     def global_batch_size(self) -> int:
         per_device = self.trainer.datamodule.batch_size
         return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
@@ -187,7 +194,8 @@ class RecipeTrainedModule(L.LightningModule):
         global_batch = self.global_batch_size()
         optimizer, scheduler = self.optim.build(getattr(self, self.optimized_attr), global_batch, total_steps,
                                                 steps_per_epoch, ndims=getattr(self, "_parameter_ndims", None),
-                                                clipped_under_amp=self.clips_under_amp())
+                                                clipped_under_amp=self.clips_under_amp(),
+                                                extra=self.trained_parts())
         self.schedule_shape["total_steps"] = total_steps
         self.hparams_resolved = {"optim/global_batch": global_batch, "optim/lr": self.optim.lr(global_batch),
                                  "optim/total_steps": total_steps, "optim/steps_per_epoch": steps_per_epoch}

@@ -27,9 +27,12 @@ def require_experiment(choice: str | None, overrides: list[str]) -> None:
 
 
 def register_resolvers() -> None:
-    # ${ne:${distill.distill_type},none}: a student gets a distillation token exactly when it distils.
+    # ${ne:a,b}: a != b
     if not OmegaConf.has_resolver("ne"):
         OmegaConf.register_new_resolver("ne", lambda a, b: a != b)
+    # ${distillation_token:${distill}}: a student gets a distillation token exactly when its method trains one
+    if not OmegaConf.has_resolver("distillation_token"):
+        OmegaConf.register_new_resolver("distillation_token", _distillation_token)
     # ${required:model.init_from,<what to pass>}: a value an experiment cannot run without. ("???" would not
     # do: merged over a group's default it leaves the default in place.)
     if not OmegaConf.has_resolver("required"):
@@ -39,6 +42,12 @@ def register_resolvers() -> None:
         from deit_train.data.subset import subset_tag
 
         OmegaConf.register_new_resolver("subset_tag", subset_tag)
+
+
+def _distillation_token(distill) -> bool:
+    from deit_train.losses import method_reads_token
+
+    return False if distill is None else method_reads_token(distill)
 
 
 def _required(option: str, hint: str) -> None:

@@ -34,7 +34,7 @@ RANGES = {
         "teacher.min_val_top1", "module.mask_ratio")},
     **{option: (0.0, 1.0, False, True, "a fraction in (0, 1]") for option in ("data.train_fraction", "optim.layer_decay")},
     **{option: (0.0, 1.0, True, False, "a rate in [0, 1)") for option in (
-        "augment.label_smoothing", "distill.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
+        "augment.label_smoothing", "loss.label_smoothing", "model.drop_path_rate", "module.ema_decay")},
     **{option: (0.0, float("inf"), True, False, "a number >= 0") for option in (
         "optim.weight_decay", "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "augment.mixup_alpha",
         "augment.cutmix_alpha")},
@@ -66,6 +66,7 @@ def preflight(cfg: DictConfig) -> None:
         if cfg.get("ckpt_path"):
             check_checkpoint_fits(cfg.ckpt_path, cfg)
         check_accelerator(cfg.trainer.accelerator)  # where Lightning would raise its MisconfigurationException
+        check_device_decode(cfg)
     if is_global_zero():  # all checks passed: what the guard compares a later start with
         record_trained_config(trained, cfg.paths.output_dir)
 
@@ -81,15 +82,28 @@ def check_options(cfg: DictConfig) -> None:
     check_counts(cfg)
     check_ranges(cfg)
     check_fsdp_combinations(cfg)
+    check_half_precision(cfg)
     if not HydraConfig.initialized():
         return
     hydra_cfg = HydraConfig.get()
     task = list(hydra_cfg.overrides.task)
+    check_teacher_list(task)
     values = [o for o in task if "=" in o and o.lstrip("+~").partition("=")[0] not in hydra_cfg.runtime.choices]
     if any(isinstance(OmegaConf.select(cfg, o.lstrip("+~").partition("=")[0], default=None,
                                        throw_on_resolution_failure=False), str) for o in values):
         defaults = hydra.compose(config_name="train", overrides=[o for o in task if o not in values])
         check_number_overrides(cfg, values, defaults)
+
+
+def check_teacher_list(overrides: list[str]) -> None:
+    """``teacher=[a,b]`` would merge the two configs into one teacher (Hydra's group list): an ensemble is
+    ``teacher=ensemble`` with its members named."""
+    listed = next((o for o in overrides if o.lstrip("+").startswith("teacher=[")), None)
+    if listed:
+        names = [n.strip() for n in listed.split("[", 1)[1].rstrip("]").split(",")]
+        members = " ".join(f"teacher@teacher.members.{i}={n}" for i, n in enumerate(names))
+        raise ConfigError(f"{listed} would merge those teacher configs into one teacher: for an ensemble use "
+                          f"teacher=ensemble {members}")
 
 
 def check_ranges(cfg: DictConfig) -> None:
@@ -178,6 +192,32 @@ def check_fsdp_combinations(cfg: DictConfig) -> None:
                           "sharded): use strategy=ddp, or drop it with ~callbacks.token_diagnostics")
 
 
+def check_half_precision(cfg: DictConfig) -> None:
+    """``trainer.precision=16-true`` keeps the weights and AdamW's moments in float16: with an ``optim.eps`` that
+    float16 rounds to 0 (the default 1e-8), the first step divides by zero wherever a small gradient's second moment
+    underflows, on every device: inf/nan weights after one step (measured: NaN at step 1 on the CPU)."""
+    precision = str(OmegaConf.select(cfg, "trainer.precision", default=""))
+    eps = OmegaConf.select(cfg, "optim.eps", default=None, throw_on_resolution_failure=False)
+    if precision == "16-true" and _is_number(eps) and float(torch.tensor(eps, dtype=torch.float16)) == 0:
+        raise ConfigError(f"trainer.precision=16-true keeps AdamW's moments in float16, where optim.eps={eps:g} is 0 "
+                          "(the first step divides by zero): use trainer.precision=16-mixed or bf16-true, or set "
+                          "optim.eps=1e-4")
+
+
+def check_device_decode(cfg: DictConfig) -> None:
+    """``augment.device_decode=true`` decodes with ``torchvision.io.decode_jpeg`` on the training device: libjpeg-turbo
+    on the CPU, nvJPEG on CUDA, nothing on other accelerators (Apple's MPS)."""
+    if not OmegaConf.select(cfg, "augment.device_decode", default=False):
+        return
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="auto")).lower()
+    if accelerator in ("gpu", "auto"):
+        accelerator = "cuda" if torch.cuda.is_available() else (
+            "mps" if torch.backends.mps.is_available() else "cpu" if accelerator == "auto" else "gpu")
+    if accelerator not in ("cpu", "cuda"):
+        raise ConfigError(f"augment.device_decode=true decodes JPEGs with torchvision.io.decode_jpeg, which runs on "
+                          f"cpu and cuda, not on trainer.accelerator={accelerator}: use augment.device_decode=false")
+
+
 def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: DictConfig) -> None:
     """``key=text`` typed where ``defaults`` (the config composed without value overrides) holds a number."""
     for override in overrides:
@@ -191,14 +231,19 @@ def check_number_overrides(cfg: DictConfig, overrides: list[str], defaults: Dict
 def check_paths(cfg: DictConfig, skip: tuple[str, ...] = ()) -> None:
     """Weight files and the data root: present, readable, and (for weights) a checkpoint at all; not the options
     in ``skip``."""
-    from deit_train.models.hf_convert import is_hf_directory
+    from deit_train.models.hf_convert import hf_weight_files, is_hf_directory
 
     for option in WEIGHT_FILES:
         value = OmegaConf.select(cfg, option, default=None)
-        if option in skip:
+        if option in skip or not value:
             continue
-        if value and not is_hf_directory(Path(str(value)).expanduser()):
+        path = Path(str(value)).expanduser()
+        if not is_hf_directory(path):
             load_checkpoint_file(option, value)
+        elif not hf_weight_files(path):
+            raise ConfigError(f"{option}={path} is a save_pretrained directory (config.json) without weights (no "
+                              "model.safetensors or pytorch_model.bin): save the model with its weights there, or "
+                              "point the option at a weights file")
     root = OmegaConf.select(cfg, "data.root", default=None)
     if root:
         path = Path(str(root)).expanduser()

@@ -31,18 +31,46 @@ log = logging.getLogger(__name__)
 
 
 def resume_checkpoint(trainer: L.Trainer, ckpt_path: str | None) -> str | None:
-    """``ckpt_path`` when given, else the newest last/HPC checkpoint of this run directory, else ``None``."""
+    """``ckpt_path`` when given, else the newest last/HPC checkpoint of this run directory, else ``None``.
+
+    A damaged newest checkpoint (a copy cut short, a full disk) is passed over for the newest readable checkpoint
+    of the run (its checkpoint folders' and HPC ones; said in one line, the damaged file left as it is); without
+    one, one line names it."""
     if ckpt_path:
         return str(ckpt_path)
-    candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
-                  for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
-    candidates += Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt")
-    existing = [path for path in candidates if path.is_file()]
+    callbacks = [cb for cb in trainer.checkpoint_callbacks if isinstance(cb, ModelCheckpoint) and cb.dirpath]
+    candidates = [Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}" for cb in callbacks]
+    hpc = list(Path(trainer.default_root_dir).glob("hpc_ckpt_*.ckpt"))
+    existing = [path for path in [*candidates, *hpc] if path.is_file()]
     if not existing:
         return None
     newest = max(existing, key=lambda path: path.stat().st_mtime)
-    log.info("resuming from %s (newest checkpoint in the run directory; ckpt_path=... picks another)", newest)
-    return str(newest)
+    damage = unreadable_checkpoint(newest)
+    if damage is None:
+        log.info("resuming from %s (newest checkpoint in the run directory; ckpt_path=... picks another)", newest)
+        return str(newest)
+    others = {path for cb in callbacks for path in Path(cb.dirpath).glob(f"*{cb.FILE_EXTENSION}")}
+    for other in sorted((others | set(hpc)) - {newest}, key=lambda path: path.stat().st_mtime, reverse=True):
+        if unreadable_checkpoint(other) is None:
+            if trainer.is_global_zero:
+                log.warning("%s cannot be read (%s): resuming from %s, the newest readable checkpoint of the run "
+                            "(the damaged file is left as it is)", newest, damage, other)
+            return str(other)
+    raise ConfigError(f"{newest} (the newest checkpoint of run directory {trainer.default_root_dir}, resumed from "
+                      f"automatically) cannot be read ({damage}) and the run has no other readable checkpoint: "
+                      "move it away to start the run over, or pass ckpt_path=<a readable checkpoint>")
+
+
+def unreadable_checkpoint(path: str | Path) -> str | None:
+    """Why ``path`` is not a Lightning training checkpoint that can be resumed from (damaged, foreign), or None."""
+    try:
+        checkpoint = load_checkpoint_file("ckpt_path", path)
+    except ConfigError as exc:
+        cause = exc.__cause__
+        return f"{type(cause).__name__}: truncated or not a checkpoint" if cause is not None else str(exc)
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "loops" not in checkpoint:
+        return "not a Lightning training checkpoint"
+    return None
 
 
 # What a run trains; a resumed run must agree on all of it (trainer length, loggers, paths and workers may change).

@@ -38,13 +38,14 @@ from torch import Tensor, nn
 
 from deit_train.data.device_augment import device_identity
 from deit_train.errors import ConfigError
+from deit_train.stops import defer_stop
 
 log = logging.getLogger(__name__)
 
 # options of the teacher group that configure this cache, not the teacher model
 CACHE_OPTIONS = ("cache_dir", "cache_topk", "cache_dtype", "cache_verify_every")
 # data options that change how fast images load, not which images a step sees
-# (uint8_workers: the uint8 path is bit-identical to the CPU path)
+# (uint8_workers: the uint8 path is bit-identical to the CPU path on every device: no division runs on the device)
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "recipe", "skip_corrupt", "cache_dir", "uint8_workers")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # gap below the k-th logit for the classes outside the top-k (finite, and exp(-gap) == 0 in fp32)
@@ -58,8 +59,14 @@ def build_teacher(config: DictConfig | None) -> nn.Module | None:
         return None
     from hydra.utils import instantiate
 
-    options = OmegaConf.to_container(config, resolve=True)
-    return instantiate({k: v for k, v in options.items() if k not in CACHE_OPTIONS})
+    options = _without_cache_options(OmegaConf.to_container(config, resolve=True))
+    if "members" in options:  # an ensemble: the members' own cache options are not theirs either
+        options["members"] = {name: _without_cache_options(member) for name, member in options["members"].items()}
+    return instantiate(options)
+
+
+def _without_cache_options(options: dict) -> dict:
+    return {k: v for k, v in options.items() if k not in CACHE_OPTIONS}
 
 
 def dense_logits(values: Tensor, indices: Tensor, num_classes: int) -> Tensor:
@@ -299,6 +306,7 @@ class TeacherLogitCache(Callback):
         self._epoch = self._step = self._rank = 0
         self._epoch_started = False
         self._read_steps = 0
+        self._trainer: L.Trainer | None = None  # None in the teacher-only pass
         self.stats = {"read": 0, "written": 0, "live": 0, "verified": 0}
 
     @classmethod
@@ -348,9 +356,23 @@ class TeacherLogitCache(Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
+            self.check_serves(pl_module.criterion, pl_module.teacher.num_classes)
             pl_module.teacher_cache = self
 
+    def check_serves(self, method: nn.Module, num_classes: int) -> None:
+        """Stop with one line, before training, when the method reads more than this cache stores: the teacher's
+        pooled features (never stored), or every class's logit (``all_logits``) from a top-k with k < classes."""
+        needs, name = method.teacher_needs, method.distill_type
+        if "features" in needs:
+            raise ConfigError(f"distill={name} reads the teacher's pooled features, which teacher.cache_dir does not "
+                              "store (top-k logits only): set teacher.cache_dir=null (the teacher runs live)")
+        if "all_logits" in needs and self.topk < num_classes:
+            raise ConfigError(f"distill={name} needs every class's teacher logit but teacher.cache_topk={self.topk} "
+                              f"keeps {self.topk} of {num_classes}: set teacher.cache_topk={num_classes} (see "
+                              "docs/distillation.md for the bytes it takes) or teacher.cache_dir=null")
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._trainer = trainer
         self.attach(pl_module.teacher, trainer.datamodule, trainer.world_size, report=trainer.is_global_zero)
         if trainer.is_global_zero:  # one entry for all ranks: said once
             log.info("teacher cache %s (k=%d %s)", self.entry.path, self.topk, self.dtype)
@@ -398,13 +420,17 @@ class TeacherLogitCache(Callback):
         logits = dense_logits(values.to(images.device), indices.to(images.device, torch.long), self.num_classes)
         self.stats["read"] += 1
         if self._read_steps == 0 or (self.verify_every and self._read_steps % self.verify_every == 0):
-            self.verify(self.teacher(images), values.to(images.device), indices.to(images.device, torch.long))
+            live = self.teacher(images)
+            if not self.verify(live, values.to(images.device), indices.to(images.device, torch.long)):
+                logits = live.detach().float()  # this step learns from the teacher; the run stops before the next
         self._read_steps += 1
         return logits
 
-    def verify(self, live: Tensor, values: Tensor, indices: Tensor) -> None:
-        """Stop with one line unless the live teacher's logits at the cached top-k classes match the cache (and its
-        argmax's logit equals the cached top-1's): a non-deterministic pipeline must not feed wrong targets."""
+    def verify(self, live: Tensor, values: Tensor, indices: Tensor) -> bool:
+        """Whether the live teacher's logits at the cached top-k classes match the cache (and its argmax's logit
+        equals the cached top-1's). If not, the run stops with one line, on every rank at its next decision
+        (:mod:`deit_train.stops`; at once in the teacher-only pass): a non-deterministic pipeline must not feed wrong
+        targets."""
         live = live.detach().float()
         at_cached = live.gather(1, indices)
         tolerance = 1e-2 * (1 + values.float().abs())
@@ -412,7 +438,8 @@ class TeacherLogitCache(Callback):
         same_argmax = bool((live.max(dim=1).values - at_cached[:, 0] <= tolerance[:, 0]).all())
         self.stats["verified"] += 1
         if not (same_values and same_argmax):
-            raise ConfigError(
+            defer_stop(self._trainer, ConfigError(
                 f"teacher cache {self.entry.path} disagrees with the live teacher at epoch {self._epoch} step "
                 f"{self._step} (rank {self._rank}): the data stream or the teacher is not deterministic; delete that "
-                "entry or set teacher.cache_dir=null")
+                "entry or set teacher.cache_dir=null"))
+        return same_values and same_argmax

@@ -223,8 +223,15 @@ class FrozenTeacher(nn.Module):
         log.info("teacher %s on %s: %s, %s, %d BatchNorm folded%s", self.architecture, device.type, resolved,
                  self.memory_format, self.folded_batchnorms, ", compiled" if self.compiles else "")
 
-    def forward(self, x: Tensor) -> Tensor:
-        """fp32 logits of the (resized, re-normalised) images, in the data's class order."""
+    @property
+    def num_features(self) -> int:
+        """Width of the pooled features before the classifier (what ``forward(x, features=True)`` returns)."""
+        return self.model.num_features
+
+    def forward(self, x: Tensor, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """fp32 logits of the (resized, re-normalised) images, in the data's class order; ``features``: also the
+        pooled features before the classifier (timm's ``forward_head(pre_logits=True)``, as timm's feature
+        distillation reads them), as ``(logits, features)``."""
         self.prepare(x.device)
         with torch.inference_mode(), torch.autocast(x.device.type, enabled=False):
             x = x.float()
@@ -235,10 +242,16 @@ class FrozenTeacher(nn.Module):
             if self.renormalise:
                 x = x * self.scale + self.shift
             x = x.to(dtype=PRECISIONS[self._resolved_precision], memory_format=self.memory_format)
-            logits = self._forward(x)
+            if features:
+                maps = self.model.forward_features(x)
+                pooled, logits = self.model.forward_head(maps, pre_logits=True), self.model.forward_head(maps)
+            else:
+                logits = self._forward(x)
             if self.class_index is not None:
                 logits = logits[:, self.class_index]
         # a normal (not inference-mode) fp32 tensor: the loss may save it for the student's backward
+        if features:
+            return logits.to(torch.float32, copy=True), pooled.to(torch.float32, copy=True)
         return logits.to(torch.float32, copy=True)
 
     # ---- identity ---------------------------------------------------------------------------------
