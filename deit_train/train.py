@@ -36,6 +36,7 @@ from deit_train.teacher.identity import teacher_file
 from deit_train.modules.disagreement import disagreement_table
 from deit_train.run.preflight import preflight
 from deit_train.run.requeue import Requeued, SlurmRequeue
+from deit_train.search.objective import objective_value, refuse_search_without_multirun
 from deit_train.run.resume import resume_checkpoint, withdraw_unused_record
 from deit_train.run.throughput import WallClockThroughput
 from deit_train.stops import RankWideStop
@@ -94,6 +95,10 @@ def build(cfg: DictConfig) -> tuple[L.LightningDataModule, L.LightningModule, L.
     callbacks.append(ValidateFinalEpoch())  # last_epoch/val/* is the final epoch's under check_val_every_n_epoch
     if (cache := TeacherLogitCache.from_run_config(cfg)) is not None:  # teacher.cache_dir
         callbacks.append(cache)
+    if cfg.get("optuna_trial") is not None:  # a search's trial reports to its study (Optuna imported only here)
+        from deit_train.search.pruning import StudyPruning
+
+        callbacks.append(StudyPruning.from_run_config(cfg))
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     log_run_config(loggers, cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
@@ -273,19 +278,21 @@ def print_summary(results: dict) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIG_DIR), config_name="train")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig) -> float | None:
+    """Returns the objective of a search's trial (``optimized_metric``) to Hydra's sweeper."""
     with one_line_errors():
         try:
             require_experiment(HydraConfig.get().runtime.choices.get("experiment"),
                                list(HydraConfig.get().overrides.task))
+            refuse_search_without_multirun(HydraConfig.get())
             quiet_console()
             threads_from_slurm()
             results = train(cfg)
         except ConfigError:  # the user changes the command: a new run directory's record must not refuse it
             withdraw_unused_record(cfg.paths.output_dir)
             raise
-    if rank_zero_only.rank != 0:  # every DDP rank returns the same results; one summary
-        return
-    if "test/top1" in results or "stages" in results:
+        objective = objective_value(cfg, results)
+    if rank_zero_only.rank == 0 and ("test/top1" in results or "stages" in results):  # every DDP rank: one summary
         print_summary(results)
+    return objective
 

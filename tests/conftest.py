@@ -279,9 +279,8 @@ def digits_deit():
     return model.eval()
 
 
-@pytest.fixture
-def teacher_calls(monkeypatch):
-    """Training-time teacher forwards (validation runs without grad and is not counted)."""
+def count_teacher_calls(monkeypatch) -> Callable[[], int]:
+    """Training-time teacher forwards from now on (validation runs without grad and is not counted)."""
     calls = []
     from deit_train.teacher import FrozenTeacher
 
@@ -293,6 +292,12 @@ def teacher_calls(monkeypatch):
 
     monkeypatch.setattr(FrozenTeacher, "forward", counting)
     return lambda: sum(calls)
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    """:func:`count_teacher_calls` for one test."""
+    return count_teacher_calls(monkeypatch)
 
 
 def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypatch) -> tuple[dict, dict]:
@@ -323,9 +328,9 @@ def train_preempted_then_resumed(overrides: list[str], tmp_path: Path, monkeypat
 # Under pytest-xdist (--dist loadfile, without its reorder by test count) workers take files in collection order.
 # The longest files go first (longest-processing-time-first), so that no worker starts one of them when the others
 # are nearly done; each took 20 s to 3 min of one worker in `pytest --durations=40` on the 2-core machine.
-LONGEST_FIRST = ("test_slurm.py", "test_gpu_smoke.py", "test_rank_stops.py", "test_resume_allocation.py",
-                 "test_stream.py", "test_gpu_paths.py", "test_ddp.py", "test_wandb.py", "test_packaging.py",
-                 "test_host_syncs.py", "test_damaged_checkpoints.py", "test_compare.py")
+LONGEST_FIRST = ("test_slurm.py", "test_search.py", "test_gpu_smoke.py", "test_rank_stops.py",
+                 "test_resume_allocation.py", "test_stream.py", "test_gpu_paths.py", "test_ddp.py", "test_wandb.py",
+                 "test_packaging.py", "test_host_syncs.py", "test_damaged_checkpoints.py", "test_compare.py")
 
 
 def pytest_collection_modifyitems(config, items):

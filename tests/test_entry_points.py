@@ -33,8 +33,8 @@ def test_console_scripts_resolve_to_callables_that_take_no_arguments():
 
 
 def test_package_list_names_every_package_folder():
-    folders = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "deit_train").rglob("*.py")
-               if "__pycache__" not in p.parts}
+    folders = {".".join(p.parent.relative_to(ROOT).parts) for top in ("deit_train", "hydra_plugins")
+               for p in (ROOT / top).rglob("*.py") if "__pycache__" not in p.parts}
     listed = set(PYPROJECT["tool"]["setuptools"]["packages"])
     assert folders - listed == set(), "add these to [tool.setuptools] packages in pyproject.toml"
     assert listed - folders == {"deit_train.configs"}  # mapped from configs/ by package-dir

@@ -14,7 +14,7 @@ LAYERS = [
     ["deit_train.teacher"],
     ["deit_train.modules"],
     ["deit_train.run"],
-    ["deit_train.compare"],
+    ["deit_train.compare", "deit_train.search"],
     # the commands, and the package root (its __init__ alone) that registers the config resolvers
     ["deit_train.train", "deit_train.__main__", "deit_train.eval", "deit_train.export", "deit_train.predict",
      "deit_train.benchmark", "deit_train.teacher_cache", "deit_train.pack", "deit_train.average", "deit_train"],

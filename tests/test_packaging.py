@@ -17,14 +17,15 @@ def test_wheel_ships_modules_and_configs_and_composes_from_elsewhere(tmp_path):
     source.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, source / name)
-    for folder in ("deit_train", "configs"):
+    for folder in ("deit_train", "hydra_plugins", "configs"):
         shutil.copytree(ROOT / folder, source / folder, ignore=shutil.ignore_patterns("__pycache__"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-2000:]
     wheel = next((tmp_path / "dist").glob("deit_train-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    modules = {p.relative_to(ROOT).as_posix() for p in (ROOT / "deit_train").rglob("*.py")}
+    modules = {p.relative_to(ROOT).as_posix() for top in ("deit_train", "hydra_plugins")
+               for p in (ROOT / top).rglob("*.py")}
     configs = {f"deit_train/configs/{p.relative_to(ROOT / 'configs').as_posix()}"
                for p in (ROOT / "configs").rglob("*.yaml")}
     assert modules - names == set() and configs - names == set()
@@ -42,6 +43,14 @@ def test_wheel_ships_modules_and_configs_and_composes_from_elsewhere(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     job = yaml.safe_load(run.stdout)
     assert job["task_name"] == "quickstart" and job["model"]["hidden_size"] > 0
+    # Hydra finds the installed search sweeper in the hydra_plugins namespace package (hparams_search=...)
+    sweepers = subprocess.run([sys.executable, "-c", "from hydra.core.plugins import Plugins; from hydra.plugins.sweeper "
+                               "import Sweeper; print([c.__module__ for c in Plugins.instance().discover(Sweeper)])"],
+                              cwd=elsewhere, env=env, capture_output=True, text=True, timeout=300)
+    assert f"'hydra_plugins.deit_train_optuna_sweeper.optuna_sweeper'" in sweepers.stdout, sweepers.stderr[-2000:]
+    assert str(site) in subprocess.run(
+        [sys.executable, "-c", "import hydra_plugins.deit_train_optuna_sweeper as p; print(p.__file__)"], cwd=elsewhere,
+        env=env, capture_output=True, text=True, timeout=300).stdout
 
     # pip wrote the console scripts; one run shows they call the installed package (its exit status passed on)
     assert {"deit-train", "deit-eval", "deit-export", "deit-predict", "deit-compare"} <= {

@@ -150,6 +150,15 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/benchmark_pack.py --num-images 1000": ("not run", "a timed benchmark (minutes here)"),
     "scancel --signal=USR1 <job id>":
         ("elsewhere", "test_slurm.py::test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly"),
+    "python -m deit_train -m hparams_search=quickstart_distill experiment=quickstart":
+        ("elsewhere", "test_search.py::test_trials_sample_the_space_and_report_each_runs_recorded_metric"),
+    "python -m deit_train -m hparams_search=deit_small_distill experiment=deit_small_distill hydra/launcher=slurm "
+    "data.root=/path/to/imagenet teacher.checkpoint=/path/regnety_160.pth": ("compose", "ImageNet and GPUs"),
+    "python -m deit_train.search storage=sqlite:///outputs/quickstart/search_quickstart_distill/optuna.db":
+        ("elsewhere", "test_search.py::test_summary_plots_best_overrides_and_compare_read_the_search"),
+    "python scripts/compare_runs.py outputs/quickstart/search_quickstart_distill":
+        ("elsewhere", "test_search.py::test_summary_plots_best_overrides_and_compare_read_the_search"),
+    "python scripts/benchmark_search.py": ("not run", "a timed benchmark (minutes here)"),
     "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
     "python scripts/gpu_smoke.py --rows distill,compiled --keep smoke_runs":
         ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),

@@ -277,3 +277,27 @@ def test_sigusr1_mid_epoch_saves_once_requeues_and_resumes_exactly(slurm, tmp_pa
     assert compared and {k: results[k] for k in compared} == {k: expected[k] for k in compared}
     assert Path(results["best_checkpoint"]).name == Path(expected["best_checkpoint"]).name
     assert re.search(r"resuming from .*hpc_ckpt_1\.ckpt", log)
+
+
+# ---- a hyperparameter search whose trials are Slurm jobs ------------------------------------------------------
+def test_search_runs_two_trials_as_one_slurm_array_reporting_to_one_study(slurm, tmp_path, digits_teacher_file):
+    import optuna
+    from optuna.trial import TrialState
+
+    sweep_dir = tmp_path / "search"
+    proc = subprocess.run(
+        [sys.executable, "-m", "deit_train", "-m", "hparams_search=quickstart_distill", "hydra/launcher=slurm_cpu",
+         f"hydra.sweep.dir={sweep_dir}", "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10",
+         "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=2", "hydra.sweeper.pruner=null", *TINY,
+         f"teacher.checkpoint={digits_teacher_file}", "teacher.min_val_top1=0", "trainer.max_epochs=2"],
+        cwd=ROOT, env=slurm, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trials = optuna.load_study(study_name="quickstart_distill", storage=f"sqlite:///{sweep_dir}/optuna.db").get_trials()
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.COMPLETE), (1, TrialState.COMPLETE)]
+    for trial in trials:  # each job found the study in the shared storage and reported its epochs to it
+        run_dir = sweep_dir / str(trial.number)
+        assert trial.user_attrs["run_dir"] == str(run_dir) and sorted(trial.intermediate_values) == [0, 1]
+        assert trial.value == json.loads((run_dir / "results.json").read_text())["best/val/top1"]
+    # the two trials were launched together: the two tasks of one Slurm array
+    jobs = sorted(p.name for p in (sweep_dir / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name))
+    assert len(jobs) == 2 and len({job.split("_")[0] for job in jobs}) == 1, jobs
