@@ -47,6 +47,23 @@ CHECKS: dict[str, tuple[str, str]] = {
     'pip install -e ".[hf]"': ("not run", "installs transformers"),
     "pytest": ("not run", "this test suite"),
     "python -m deit_train experiment=quickstart": ("run", ""),
+    # docs/experiments.md: the EMA and checkpoint-averaging measurement (a shell loop over the sweep's runs)
+    "for run in multirun/ema_avg/[0-9]*/; do": ("not run", "the shell loop around the average and eval commands"),
+    "done": ("not run", "the end of that loop"),
+    "python -m deit_train -m experiment=quickstart module.ema_decay=0.99 callbacks.model_checkpoint.save_top_k=3 "
+    "seed=0,1,2 hydra.sweep.dir=multirun/ema_avg": ("compose", ""),
+    "python -m deit_train.average":
+        ("elsewhere", "test_weights.py::test_average_of_the_top_k_is_the_parameter_wise_mean_and_eval_reads_it"),
+    "python -m deit_train.average run=$run k=3 by=top":
+        ("elsewhere", "test_weights.py::test_average_of_the_top_k_is_the_parameter_wise_mean_and_eval_reads_it"),
+    "python -m deit_train.average run=$run k=3 by=top weights=ema":
+        ("elsewhere", "test_weights.py::test_average_of_the_last_k_emas"),
+    "python -m deit_train.average run=<run dir> k=3 [by=top|last] [weights=student|ema] [out=<file>]":
+        ("elsewhere", "test_weights.py::test_average_bad_input_is_one_line_and_writes_nothing"),
+    "python -m deit_train.eval ckpt=$run/checkpoints/last.ckpt":
+        ("elsewhere", "test_weights.py::test_predict_and_eval_read_the_ema"),
+    "python -m deit_train.eval ckpt=$run/checkpoints/last.ckpt weights=ema":
+        ("elsewhere", "test_weights.py::test_predict_and_eval_read_the_ema"),
     "python -m deit_train experiment=quickstart ckpt_path=outputs/quickstart/<date_time>/checkpoints/last.ckpt":
         ("elsewhere", "test_resume_guards.py::test_resume_by_ckpt_path_continues_in_its_run_dir_on_the_extended_schedule"),
     "python scripts/compare_runs.py multirun/tab3_token --baseline distill=none --out tab3.png":
