@@ -58,3 +58,19 @@ def test_wheel_ships_modules_and_configs_and_composes_from_elsewhere(tmp_path):
     compare = subprocess.run([str(site / "bin" / "deit-compare")], cwd=elsewhere, env=env, capture_output=True,
                              text=True, timeout=300)
     assert compare.returncode == 2 and compare.stderr.startswith("error: no runs found in outputs multirun")
+
+
+def test_search_sweeper_is_found_outside_the_repository_with_the_editable_install(tmp_path):
+    """The README installs with ``pip install -e``: its hydra_plugins portion is an import hook, not a folder Hydra's
+    plugin scan walks. Run from another folder, a search must still reach the sweeper (here: its space check)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(PYTHONWARNINGS="ignore", DEIT_TRAIN_OUTPUTS=str(tmp_path / "outputs"))
+    installed = subprocess.run([sys.executable, "-c", "import deit_train; print(deit_train.__file__)"], cwd=tmp_path,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert installed.stdout.startswith(str(ROOT)), "run the suite where the README's install (pip install -e) was made"
+    run = subprocess.run([sys.executable, "-m", "deit_train", "-m", "hparams_search=quickstart_distill",
+                          "experiment=quickstart", "model.no_such_option=interval(0.0,1.0)"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert run.stderr.startswith("error: hydra.sweeper.params: model.no_such_option is not an option of this config")
+    assert run.stderr.count("\n") == 1 and not list(tmp_path.rglob("results.json"))
