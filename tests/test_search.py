@@ -126,6 +126,10 @@ def test_summary_plots_best_overrides_and_compare_read_the_search(search, capsys
     assert not any(o.startswith(("hparams_search=", "hydra.")) for o in line)
     for key, value in best.params.items():
         assert f"{key}={value!r}" in line
+    # the best-trial table shows each parameter and the run directory whole (a log file is 80 columns to Rich)
+    best_table = "".join(row for row in out[out.index("best trial"):].splitlines(True) if row.startswith("│"))
+    assert all(f"{key}={value!r}" in best_table for key, value in best.params.items())
+    assert str(search.dir / str(best.number)) in best_table
     # the report on request, from the storage alone
     from deit_train.search.report import main as report
 

@@ -37,7 +37,8 @@ def print_tables(study: optuna.Study, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    # 200 columns as compare_runs: a log file or Slurm output is 80 columns to Rich, which cut parameters and paths
+    console = console or Console(width=200)
     objective = study.user_attrs.get(IDENTITY, {}).get("objective", "value")
     trials = study.get_trials(deepcopy=False)
     table = Table("trial", "state", objective, "parameters", "run directory",
