@@ -113,19 +113,19 @@ CHECKS: dict[str, tuple[str, str]] = {
     "teacher@teacher.members.0=regnety_160 teacher.members.0.checkpoint=/path/regnety_160.pth "
     "teacher@teacher.members.1=regnety_160 teacher.members.1.checkpoint=/path/other.pth teacher.combine=probs":
         ("compose", "ImageNet and two teacher files"),
-    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/logit':
+    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=190 optim.warmup_epochs=13 trainer.check_val_every_n_epoch=10 hydra.sweep.dir=multirun/methods_0.1/logit':
         ("compose", "a measured sweep: its figures are in the table below it"),
-    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=5 seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/dkd':
+    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=16 seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=190 optim.warmup_epochs=13 trainer.check_val_every_n_epoch=10 hydra.sweep.dir=multirun/methods_0.1/dkd':
         ("compose", "a measured sweep: its figures are in the table below it"),
-    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=60 optim.warmup_epochs=5 trainer.check_val_every_n_epoch=20 hydra.sweep.dir=multirun/methods_0.1/feature':
+    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 data.train_fraction=0.1 teacher.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=190 optim.warmup_epochs=13 trainer.check_val_every_n_epoch=10 hydra.sweep.dir=multirun/methods_0.1/feature':
         ("compose", "a measured sweep: its figures are in the table below it"),
     'python scripts/compare_runs.py multirun/methods_0.1/logit multirun/methods_0.1/dkd multirun/methods_0.1/feature --group-by distill.distill_type --baseline distill.distill_type=none':
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
-    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 teacher.cache_dir=multirun/tcache trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/logit':
+    'python -m deit_train -m experiment=quickstart distill=none,hard,kd seed=0,1,2 teacher.cache_dir=multirun/tcache hydra.sweep.dir=multirun/methods_1.0/logit':
         ("compose", "a measured sweep: its figures are in the table below it"),
-    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=1 seed=0,1,2 teacher.cache_dir=multirun/tcache trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/dkd':
+    'python -m deit_train -m experiment=quickstart distill=dkd distill.warmup_epochs=3 seed=0,1,2 teacher.cache_dir=multirun/tcache hydra.sweep.dir=multirun/methods_1.0/dkd':
         ("compose", "a measured sweep: its figures are in the table below it"),
-    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 trainer.max_epochs=6 optim.warmup_epochs=1 trainer.check_val_every_n_epoch=3 hydra.sweep.dir=multirun/methods_1.0/feature':
+    'python -m deit_train -m experiment=quickstart distill=feature seed=0,1,2 hydra.sweep.dir=multirun/methods_1.0/feature':
         ("compose", "a measured sweep: its figures are in the table below it"),
     'python scripts/compare_runs.py multirun/methods_1.0/logit multirun/methods_1.0/dkd multirun/methods_1.0/feature --group-by distill.distill_type --baseline distill.distill_type=none':
         ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
@@ -176,6 +176,14 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/compare_runs.py outputs/quickstart/search_quickstart_distill":
         ("elsewhere", "test_search.py::test_summary_plots_best_overrides_and_compare_read_the_search"),
     "python scripts/benchmark_search.py": ("not run", "a timed benchmark (minutes here)"),
+    "python -m deit_train -m experiment=quickstart distill=soft distill.alpha=0.5094308292033188 "
+    "distill.tau=3.4146545846368257 optim.base_lr=0.011447666136760272 model.drop_path_rate=0.0061602427310760745 "
+    "seed=0,1,2 teacher.cache_dir=multirun/tcache hydra.sweep.dir=multirun/search_best":
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    "python -m deit_train -m experiment=quickstart seed=0,1,2 teacher.cache_dir=multirun/tcache "
+    "hydra.sweep.dir=multirun/search_defaults": ("compose", "a measured sweep: its figures are in the table below it"),
+    "python scripts/compare_runs.py multirun/search_defaults multirun/search_best --group-by distill.distill_type "
+    "--baseline distill.distill_type=hard": ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
     "python scripts/gpu_smoke.py": ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
     "python scripts/gpu_smoke.py --rows distill,compiled --keep smoke_runs":
         ("elsewhere", "test_gpu_smoke.py::test_every_row_runs_and_the_table_reports_it"),
