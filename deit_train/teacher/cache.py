@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 CACHE_OPTIONS = ("cache_dir", "cache_topk", "cache_dtype", "cache_verify_every")
 # data options that change how fast images load, not which images a step sees
 # (uint8_workers: the uint8 path is bit-identical to the CPU path on every device: no division runs on the device)
+# fingerprint keys that only say which seed drew the augmentations (flattened names)
+_SEED_KEYS = frozenset({"seed", "data.seed"})
 _LOADER_OPTIONS = ("num_workers", "pin_memory", "recipe", "skip_corrupt", "cache_dir", "uint8_workers")
 _DTYPES = {"float16": np.float16, "float32": np.float32}
 # gap below the k-th logit for the classes outside the top-k (finite, and exp(-gap) == 0 in fp32)
@@ -195,9 +197,10 @@ class CacheEntry:
                 nearest = (other.parent.name, differing)
         if nearest is not None:
             shown = ", ".join(nearest[1][:6]) + (", ..." if len(nearest[1]) > 6 else "")
-            log.warning("teacher cache %s: no entry for this run (%s); the nearest, %s, differs in %s: "
-                        "not used, computing the teacher live into a new entry", self.root, self.digest,
-                        nearest[0], shown)
+            # another seed draws other augmentations: a seed sweep's expected miss, nothing for the user to change
+            level = logging.INFO if set(nearest[1]) <= _SEED_KEYS else logging.WARNING
+            log.log(level, "teacher cache %s: no entry for this run (%s); the nearest, %s, differs in %s: "
+                    "not used, computing the teacher live into a new entry", self.root, self.digest, nearest[0], shown)
 
     def shard(self, epoch: int, rank: int) -> Path:
         """Stem of the shard files of (epoch, rank)."""
