@@ -176,6 +176,22 @@ CHECKS: dict[str, tuple[str, str]] = {
     "python scripts/compare_runs.py outputs/quickstart/search_quickstart_distill":
         ("elsewhere", "test_search.py::test_summary_plots_best_overrides_and_compare_read_the_search"),
     "python scripts/benchmark_search.py": ("not run", "a timed benchmark (minutes here)"),
+    "python -m deit_train experiment=quickstart seed=1 teacher.checkpoint=teachers/regnetx_002_digits_seed1.pth "
+    "trainer.max_epochs=1 optim.warmup_epochs=0": ("compose", "bootstraps a second digits teacher (minutes)"),
+    "python -m deit_train -m experiment=quickstart distill=hard seed=0,1,2 data.train_fraction=0.1 "
+    "teacher.checkpoint=teachers/regnetx_002_digits_seed1.pth teacher.cache_dir=multirun/tcache data.batch_size=32 "
+    "optim.base_lr=0.032 trainer.max_epochs=190 optim.warmup_epochs=13 trainer.check_val_every_n_epoch=10 "
+    "hydra.sweep.dir=multirun/teachers_0.1/B": ("compose", "a measured sweep: its figures are in the table below it"),
+    "python -m deit_train -m experiment=quickstart distill=hard seed=0,1,2 data.train_fraction=0.1 teacher=ensemble "
+    "teacher@teacher.members.0=regnetx_002_digits "
+    "teacher.members.0.checkpoint=$HOME/.cache/deit_train/teachers/regnetx_002_digits.pth "
+    "teacher@teacher.members.1=regnetx_002_digits teacher.members.1.checkpoint=teachers/regnetx_002_digits_seed1.pth "
+    "teacher.cache_dir=multirun/tcache data.batch_size=32 optim.base_lr=0.032 trainer.max_epochs=190 "
+    "optim.warmup_epochs=13 trainer.check_val_every_n_epoch=10 hydra.sweep.dir=multirun/teachers_0.1/ensemble":
+        ("compose", "a measured sweep: its figures are in the table below it"),
+    "python scripts/compare_runs.py multirun/methods_0.1/logit multirun/teachers_0.1/B multirun/teachers_0.1/ensemble "
+    "--group-by distill.distill_type,teacher.checkpoint,teacher.combine --baseline distill.distill_type=none":
+        ("elsewhere", "test_compare.py::test_tiny_sweep_compared_end_to_end"),
     "python -m deit_train -m experiment=quickstart distill=soft distill.alpha=0.5094308292033188 "
     "distill.tau=3.4146545846368257 optim.base_lr=0.011447666136760272 model.drop_path_rate=0.0061602427310760745 "
     "seed=0,1,2 teacher.cache_dir=multirun/tcache hydra.sweep.dir=multirun/search_best":
